@@ -1,0 +1,51 @@
+# The two commands of the README:
+#   make book   install, execute every notebook (papermill, `cpu` profile), build the site
+#   make test   install, lint (ruff), pytest (unit, integration, notebook smoke runs, book build)
+# Both set themselves up from nothing (a virtual environment in .venv) and are idempotent.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.medlora-installed
+# torch is installed first, pinned to the local CPU wheel known to work here; GPU users
+# install their own torch build first (see README) and run `pip install -e .[dev,book]`.
+TORCH_SPEC ?= torch==2.13.0
+
+export MEDLORA_CACHE ?= $(CURDIR)/.cache/medlora
+export MPLBACKEND := Agg
+export PYTHONHASHSEED := 0
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: install book test lint format clean bench
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev,book]"
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (medlora)" >/dev/null
+	touch $(STAMP)
+
+install: $(STAMP)
+
+book: install
+	$(PY) -m medlora_lib.bookrun --profile cpu --out _build
+
+test: install lint
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: install
+	$(PY) benchmarks/bench_data.py
+	$(PY) benchmarks/bench_model.py
+	$(PY) benchmarks/bench_prefix_cache.py
+
+clean:
+	rm -rf _build .pytest_cache .ruff_cache
