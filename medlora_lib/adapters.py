@@ -30,6 +30,24 @@ the local adapter can therefore never be confused. Heads keep their own names
 The classification head is kept outside peft's ``modules_to_save`` (peft allows that in one
 adapter only when several are active); its ``requires_grad`` is set here and its tensors are
 handled by the state functions according to ``AdapterConfig.head``.
+
+Choices made here (the paper does not state them; each is a parameter):
+
+* **Head policy** ``head="auto"``: the heads are trained and *shared* for every federated
+  method, Med-DualLoRA included, and private for ``local``. The diagnosis (healthy vs
+  disease) means the same thing at every site, and with the same head policy for every method
+  the comparison isolates the adapter design; Med-DualLoRA's personalisation lives in its
+  local adapter. ``head="private"`` gives FedPer-style private heads, ``"frozen"`` keeps
+  the (pretrained or randomly initialised) heads fixed.
+* ``encoder.norm`` and the fusion norm are frozen unless ``train_final_norms=True``; then
+  they follow the head policy.
+* Adapter names: ``global`` for the federated adapter of every method (FedSA-LoRA's private
+  B included), ``local`` for Med-DualLoRA's second adapter and for the ``local`` baseline.
+  ``centralized`` shares everything trainable (one pooled model), ``local`` nothing.
+* Every ``lora_A`` is drawn from a generator keyed by ``(seed, adapter, module name)``, so
+  clients and server built with the same ``seed`` agree bit for bit whatever the global RNG
+  state (FFA-LoRA's frozen A relies on it); every ``lora_B`` starts at zero (peft default),
+  so a freshly adapted model computes exactly the backbone's function.
 """
 
 from __future__ import annotations
@@ -61,6 +79,7 @@ __all__ = [
     "apply_adapters",
     "closed_form_lora_params",
     "enforce_trainability",
+    "first_adapted_block",
     "get_private_state",
     "get_shared_state",
     "lora_delta",
@@ -270,7 +289,9 @@ def _parse_block_spec(spec: Any) -> str | tuple[int, ...]:
             return s
         m = _BLOCKS_RE.match(s)
         if m is None:
-            raise ConfigError(f"AdapterConfig.adapted_blocks={spec!r} is not understood; {hint}.")
+            raise ConfigError(
+                f"AdapterConfig.adapted_blocks={spec!r} is not understood; {hint}."
+            )
         if int(m["k"]) == 0:
             raise ConfigError(
                 f"AdapterConfig.adapted_blocks={spec!r} adapts no block; {hint}."
@@ -287,12 +308,18 @@ def _parse_block_spec(spec: Any) -> str | tuple[int, ...]:
                 )
             idx.append(int(v))
         if not idx:
-            raise ConfigError(f"AdapterConfig.adapted_blocks is empty: no block adapted; {hint}.")
+            raise ConfigError(
+                f"AdapterConfig.adapted_blocks is empty: no block adapted; {hint}."
+            )
         return tuple(idx)
-    raise ConfigError(f"AdapterConfig.adapted_blocks={spec!r} has the wrong type; {hint}.")
+    raise ConfigError(
+        f"AdapterConfig.adapted_blocks={spec!r} has the wrong type; {hint}."
+    )
 
 
-def resolve_adapted_blocks(adapted_blocks: str | Sequence[int], depth: int) -> list[int]:
+def resolve_adapted_blocks(
+    adapted_blocks: str | Sequence[int], depth: int
+) -> list[int]:
     """Turn ``adapted_blocks`` into sorted, non-negative block indices for a model of ``depth``.
 
     Args:
@@ -335,6 +362,26 @@ def resolve_adapted_blocks(adapted_blocks: str | Sequence[int], depth: int) -> l
     return sorted(out)
 
 
+def first_adapted_block(config: AdapterConfig, depth: Any) -> int:
+    """Index of the first block that carries LoRA = the largest exact prefix-cache start.
+
+    Chapter ``notebooks/05_block_ablation``. Everything before this block is frozen and, without
+    augmentation, a fixed function of the input (see ``medlora_lib.models.prefix_cache``).
+
+    Args:
+        config: adapter settings.
+        depth: number of transformer blocks, or a model / model config to read it from.
+
+    Raises:
+        ConfigError: bad ``adapted_blocks`` for this depth.
+    """
+    if isinstance(depth, nn.Module):
+        depth = _model_depth(unwrap_model(depth))
+    elif not isinstance(depth, int):
+        depth = _model_dims(depth)["depth"]
+    return min(resolve_adapted_blocks(config.adapted_blocks, int(depth)))
+
+
 @dataclass
 class AdapterConfig:
     """LoRA adapter settings (chapter ``notebooks/00_foundation_model_and_lora``).
@@ -351,7 +398,8 @@ class AdapterConfig:
         default=8, metadata={"help": "Rank r of every LoRA adapter (the global one)."}
     )
     lora_alpha: float = field(
-        default=16.0, metadata={"help": "LoRA scaling alpha; the update is (alpha/r)·B·A."}
+        default=16.0,
+        metadata={"help": "LoRA scaling alpha; the update is (alpha/r)·B·A."},
     )
     lora_dropout: float = field(
         default=0.0, metadata={"help": "Dropout on the LoRA branch input, in [0, 1)."}
@@ -595,7 +643,9 @@ def apply_adapters(
     for p in model.parameters():
         p.requires_grad_(False)
     first, *others = spec.adapters
-    peft_model = get_peft_model(model, _lora_config(config, first, blocks), adapter_name=first)
+    peft_model = get_peft_model(
+        model, _lora_config(config, first, blocks), adapter_name=first
+    )
     for name in others:
         peft_model.add_adapter(name, _lora_config(config, name, blocks))
     for name in spec.adapters:
@@ -700,7 +750,9 @@ def trainable_parameter_count(model: nn.Module) -> int:
 # --------------------------------------------------------------------------------------
 
 
-def _params_with_role(model: nn.Module, role: str, method: str | None) -> dict[str, nn.Parameter]:
+def _params_with_role(
+    model: nn.Module, role: str, method: str | None
+) -> dict[str, nn.Parameter]:
     info = _check_method(model, method)
     return {n: p for n, p in _named_params(model) if _role(n, info) == role}
 
@@ -709,7 +761,9 @@ def _detached(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
 
 
-def get_shared_state(model: nn.Module, method: str | None = None) -> dict[str, torch.Tensor]:
+def get_shared_state(
+    model: nn.Module, method: str | None = None
+) -> dict[str, torch.Tensor]:
     """Exactly the tensors a client sends to the server (chapter ``03_fedavg_lora``).
 
     Args:
@@ -724,7 +778,9 @@ def get_shared_state(model: nn.Module, method: str | None = None) -> dict[str, t
     return _detached(_params_with_role(model, "shared", method))
 
 
-def get_private_state(model: nn.Module, method: str | None = None) -> dict[str, torch.Tensor]:
+def get_private_state(
+    model: nn.Module, method: str | None = None
+) -> dict[str, torch.Tensor]:
     """The trained tensors that never leave the client (local adapter, FedSA's B, private head).
 
     Keep them in Flower's ``context.state`` between rounds (chapter ``04_med_dual_lora``).
@@ -884,7 +940,9 @@ def lora_delta(model: nn.Module, adapter_name: str, module_name: str) -> torch.T
     try:
         module = unwrap_model(model).get_submodule(module_name)
     except AttributeError as e:
-        raise ConfigError(f"lora_delta: the model has no module {module_name!r}.") from e
+        raise ConfigError(
+            f"lora_delta: the model has no module {module_name!r}."
+        ) from e
     lora_a = getattr(module, "lora_A", None)
     if not isinstance(lora_a, nn.ModuleDict) or adapter_name not in lora_a:
         raise ConfigError(
@@ -997,7 +1055,8 @@ def closed_form_lora_params(
         "method": config.method,
         "blocks": blocks,
         "per_block": {
-            t: config.lora_rank * (shapes[t][0] + shapes[t][1]) for t in config.target_modules
+            t: config.lora_rank * (shapes[t][0] + shapes[t][1])
+            for t in config.target_modules
         },
         "adapters": adapters,
         "head": head if policy != "frozen" else 0,

@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--skip-unlisted",
         action="store_true",
-        help="M&Ms: skip folders missing from the CSV instead of failing",
+        help="M&Ms / M&Ms-2: skip subjects missing from the CSV or from disk "
+        "instead of failing",
     )
 
     c = sub.add_parser("config", help="print the resolved config of a profile")
@@ -115,6 +116,8 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
         kwargs["skip_unlisted"] = args.skip_unlisted
     else:
         from medlora_lib.data.mnms2 import prepare_mnms2 as prepare
+
+        kwargs["skip_unlisted"] = args.skip_unlisted
     t0 = time.perf_counter()
     out = prepare(args.raw_dir, args.out_dir, **kwargs)
     print(f"prepared {args.dataset} into {out} ({time.perf_counter() - t0:.1f} s)")

@@ -105,7 +105,10 @@ def _check_stats(name: str, t: torch.Tensor, ref: dict, tol: float = 2e-4) -> fl
     diffs = [
         abs(t64.mean().item() - ref["mean"]),
         abs(t64.std().item() - ref["std"]),
-        *(abs(a - b) for a, b in zip(t64.flatten()[:5].tolist(), ref["first5"], strict=True)),
+        *(
+            abs(a - b)
+            for a, b in zip(t64.flatten()[:5].tolist(), ref["first5"], strict=True)
+        ),
     ]
     assert max(diffs) < tol, (name, diffs)
     return max(diffs)
@@ -129,7 +132,9 @@ def test_golden_forward_base() -> None:
     worst = max(
         _check_stats("skip0", skips[0], ref["skip0_after_conv_block0"]),
         _check_stats("skip1", skips[1], ref["skip1_after_conv_block1"]),
-        _check_stats("tokens", tokens, ref["tokens_after_patch_embed+linear+pos_embed"]),
+        _check_stats(
+            "tokens", tokens, ref["tokens_after_patch_embed+linear+pos_embed"]
+        ),
         _check_stats("enc", enc, ref["encoder_output_incl_cls(after encoder.norm)"]),
         _check_stats("cls", cls[:, None], ref["cls_token_output"]),
         _check_stats("fusion", fused, ref["fusion_output"]),
@@ -213,7 +218,9 @@ def test_drop_path_identity_in_eval_and_active_in_train() -> None:
 
 def test_determinism_same_seed_same_weights_and_output() -> None:
     a, b = small_model().eval(), small_model().eval()
-    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+    for (ka, va), (kb, vb) in zip(
+        a.state_dict().items(), b.state_dict().items(), strict=True
+    ):
         assert ka == kb and torch.equal(va, vb)
     x = small_input()
     with torch.no_grad():
@@ -238,7 +245,9 @@ def test_gradients_flow_and_pos_embed_frozen() -> None:
     m = small_model()
     m(small_input()).sum().backward()
     assert m.enc_down_dict["sax"].pos_embed.grad is None
-    assert m.enc_down_dict["sax"].conv_blocks[0].patch_embed.conv.weight.grad is not None
+    assert (
+        m.enc_down_dict["sax"].conv_blocks[0].patch_embed.conv.weight.grad is not None
+    )
 
 
 def test_config_errors_and_overrides() -> None:
@@ -254,8 +263,15 @@ def test_config_errors_and_overrides() -> None:
     with pytest.raises(ConfigError, match="divisible"):
         m(torch.zeros(1, 2, 30, 32, 4))
     m2 = build_convvit(
-        "small", (32, 32, 4), embed_dim=32, depth=2, num_heads=2, conv_chans=(8,),
-        conv_n_blocks=1, patch_size=(2, 2, 1), scale_factor=(4, 4, 1),
+        "small",
+        (32, 32, 4),
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        conv_chans=(8,),
+        conv_n_blocks=1,
+        patch_size=(2, 2, 1),
+        scale_factor=(4, 4, 1),
     )
     assert m2.config.grid_size == (4, 4, 4) and m2.depth == 2
     assert m2(torch.zeros(1, 2, 32, 32, 4)).shape == (1, 2)

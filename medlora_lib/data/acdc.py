@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from medlora_lib.data.manifest import pathology_to_label, write_prepared_dataset
-from medlora_lib.data.nifti import load_nifti, nifti_shape
+from medlora_lib.data.nifti import load_nifti, load_nifti_frames, nifti_shape
 from medlora_lib.data.preprocess import (
     CropFallback,
     iter_prepared_records,
@@ -160,15 +160,17 @@ class AcdcSubject:
                 )
             frames = np.stack([ed, es])
         else:
-            cine, spacing, _ = load_nifti(self.cine_file, 4)
-            n_t = cine.shape[3]
+            n_t = nifti_shape(self.cine_file, 4)[3]
             for key, value in (("ED", self.ed), ("ES", self.es)):
                 if not 1 <= value <= n_t:
                     raise DataError(
                         f"`Info.cfg` in {self.patient}: {key} = {value} is outside the "
                         f"4D volume ({n_t} frames; 1-based)."
                     )
-            frames = np.stack([cine[..., self.ed - 1], cine[..., self.es - 1]])
+            # ACDC frame numbers are 1-based; the time axis is 0-based
+            frames, spacing, _ = load_nifti_frames(
+                self.cine_file, (self.ed - 1, self.es - 1)
+            )
         gts = [self.frame_file(self.ed, gt=True), self.frame_file(self.es, gt=True)]
         present = [g.is_file() for g in gts]
         labels = None
@@ -206,7 +208,9 @@ def _find_patient_dirs(raw_dir: Path) -> list[tuple[Path, str]]:
             roots = [(p, s) for p, s in subs if p.is_dir()]
             break
     if not roots:  # raw_dir is `training` / `testing` itself (or holds patientXXX)
-        roots = [(raw_dir, raw_dir.name if raw_dir.name in ("training", "testing") else "")]
+        roots = [
+            (raw_dir, raw_dir.name if raw_dir.name in ("training", "testing") else "")
+        ]
     found = [
         (d, split)
         for root, split in roots
@@ -297,9 +301,15 @@ def prepare_acdc(
         "name": "acdc",
         "image_size": [int(s) for s in image_size],
         "spacing": [float(s) for s in target_spacing],
-        "preprocessing": preprocessing_params(target_spacing, image_size, crop_fallback),
+        "preprocessing": preprocessing_params(
+            target_spacing, image_size, crop_fallback
+        ),
         "sources": [
-            {"name": "acdc", "raw_dir": str(Path(raw_dir).absolute()), "n": len(subjects)}
+            {
+                "name": "acdc",
+                "raw_dir": str(Path(raw_dir).absolute()),
+                "n": len(subjects),
+            }
         ],
         "split": {
             "val_fraction": val_fraction,
@@ -316,7 +326,9 @@ def prepare_acdc(
         progress=progress,
         desc="ACDC",
     )
-    out = write_prepared_dataset(out_dir, records, info, overwrite=overwrite, merge=merge)
+    out = write_prepared_dataset(
+        out_dir, records, info, overwrite=overwrite, merge=merge
+    )
     if progress:
         summarise_prepared(out)
     return out

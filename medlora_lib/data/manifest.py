@@ -10,8 +10,8 @@ Decisions:
 * **Splits** are stratified by label *within each client* (default client = vendor),
   seed-deterministic and independent of row order (subjects are sorted by id, and each
   client's permutation is seeded by ``(seed, client name)`` so one client's split does not
-  depend on the others). For each class of ``n`` subjects: ``round(n * test_fraction)``
-  go to test and ``round(n * val_fraction)`` to val, at least one each when ``n >= 3``
+  depend on the others). For each class of ``n`` subjects: ``n * test_fraction`` go to
+  test and ``n * val_fraction`` to val (rounded half up), at least one each when ``n >= 3``
   (so both classes appear in every split when counts allow) and at least one always stays
   in train. A client with no subjects, or with only one class, is an error (the message
   names the client, its counts and the fix); pass ``allow_single_class=True`` to only warn.
@@ -22,7 +22,8 @@ Decisions:
   sources) is rebuilt in place; a different one is refused unless ``overwrite=True``
   (replace it) or ``merge=True`` (add new sources to it: only when the preprocessing
   parameters are equal and the new sources and subject ids are not already there; splits
-  are then recomputed over the merged manifest). A non-empty folder that is not a
+  are then recomputed over the merged manifest with the *new* split parameters, so the
+  splits of subjects already there can change). A non-empty folder that is not a
   medlora data set is always refused.
 """
 
@@ -139,8 +140,9 @@ def _client_seed(seed: int, client: str) -> np.random.Generator:
 
 
 def _split_counts(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
-    n_test = int(round(n * test_fraction))
-    n_val = int(round(n * val_fraction))
+    # round half up (not Python's half-to-even), so 2.5 -> 3 as a reader expects
+    n_test = int(np.floor(n * test_fraction + 0.5))
+    n_val = int(np.floor(n * val_fraction + 0.5))
     if n >= 3:
         n_test = max(n_test, 1) if test_fraction > 0 else 0
         n_val = max(n_val, 1) if val_fraction > 0 else 0
@@ -343,13 +345,15 @@ def _describe(info: dict) -> str:
     pre = _preproc_key(info)
     size = pre.get("image_size", info.get("image_size"))
     spacing = pre.get("target_spacing", pre.get("spacing", info.get("spacing")))
-    return (
-        f"sources {_source_names(info)}, image_size {size}, spacing {spacing}, "
-        f"{info.get('num_subjects', '?')} subjects"
-    )
+    text = f"sources {_source_names(info)}, image_size {size}, spacing {spacing}"
+    if "num_subjects" in info:
+        text += f", {info['num_subjects']} subjects"
+    return text
 
 
-def _check_target(out_dir: Path, info: dict, overwrite: bool, merge: bool) -> dict | None:
+def _check_target(
+    out_dir: Path, info: dict, overwrite: bool, merge: bool
+) -> dict | None:
     """Decide what to do with an existing ``out_dir``; return the info to merge into."""
     if overwrite and merge:
         raise DataError("choose either overwrite or merge, not both.")
@@ -513,7 +517,9 @@ def write_prepared_dataset(
             for v in VENDORS
         }
         df.to_csv(tmp / "manifest.csv", index=False)
-        (tmp / "dataset.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+        (tmp / "dataset.json").write_text(
+            json.dumps(info, indent=2, default=str) + "\n"
+        )
         # swap in: the old folder (if any) is moved aside first, then removed
         if out_dir.exists():
             os.replace(out_dir, backup)

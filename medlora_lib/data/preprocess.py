@@ -5,9 +5,10 @@ Steps (``preprocess_case``), following CineMA's public recipe (see
 ``notebooks/01_data_and_vendor_heterogeneity``:
 
 1. **Resample** both frames to ``target_spacing`` (mm) with MONAI ``Resize`` at the size
-   ``round(shape * spacing / target_spacing)``: images trilinear (with MONAI's Gaussian
-   anti-aliasing, which acts only along axes that are down-sampled), labels
-   ``nearest-exact``.
+   ``round(shape * spacing / target_spacing)``. Images: axes that shrink are resampled
+   with ``mode="area"`` (a box filter, i.e. anti-aliased averaging, as cheap as it gets),
+   then axes that grow with ``trilinear`` (the two passes are needed only when some axes
+   shrink and others grow). Labels: ``nearest-exact``.
 2. **Crop in-plane** to ``image_size[:2]`` around the LV centre: the centre of the LV
    (label 1) bounding box at ED, else at ES. When there is no LV label (unlabelled case,
    ``labels=None``) a documented fallback is used, chosen by ``crop_fallback``:
@@ -33,6 +34,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
+import pandas as pd
 import torch
 from monai.transforms import Resize
 from scipy.ndimage import gaussian_filter
@@ -42,6 +44,8 @@ from medlora_lib.errors import DataError
 __all__ = [
     "preprocess_case",
     "preprocessing_params",
+    "iter_prepared_records",
+    "summarise_prepared",
     "resampled_shape",
     "lv_centre",
     "CLIP_PERCENTILES",
@@ -73,7 +77,7 @@ def preprocessing_params(
         "crop": "lv_bbox_centre_at_ED",
         "crop_fallback": crop_fallback,
         "slices": "pad_end_or_centre_crop",
-        "image_interp": "trilinear_antialiased",
+        "image_interp": "area_down_trilinear_up",
         "label_interp": "nearest",
     }
 
@@ -118,20 +122,33 @@ def _window(centre: float, size: int, n: int) -> tuple[int, int, int, int]:
     """Source [a, b) and destination offset for a window of ``size`` centred at centre."""
     start = int(np.floor(centre + 0.5 - size / 2.0))
     a, b = max(start, 0), min(start + size, n)
-    if b <= a:  # window entirely outside: keep nothing (cannot happen for valid centres)
+    if (
+        b <= a
+    ):  # window entirely outside: keep nothing (cannot happen for valid centres)
         return 0, 0, 0, 0
     return a, b, a - start, a - start + (b - a)
 
 
-def _resize(array: np.ndarray, size: tuple[int, int, int], *, label: bool) -> np.ndarray:
+def _resize(
+    array: np.ndarray, size: tuple[int, int, int], *, label: bool
+) -> np.ndarray:
     if tuple(array.shape[1:]) == size:
         return array
+    tensor = torch.as_tensor(array, dtype=torch.float32)
     if label:
-        op = Resize(size, mode="nearest-exact")
-    else:
-        op = Resize(size, mode="trilinear", align_corners=False, anti_aliasing=True)
-    out = op(torch.as_tensor(array, dtype=torch.float32))
-    return np.asarray(out.detach().cpu().numpy() if hasattr(out, "detach") else out)
+        return _numpy(Resize(size, mode="nearest-exact")(tensor))
+    shrunk = tuple(min(n, m) for n, m in zip(size, array.shape[1:], strict=True))
+    if shrunk != tuple(array.shape[1:]):
+        tensor = Resize(shrunk, mode="area")(tensor)
+    if shrunk != tuple(size):
+        tensor = Resize(size, mode="trilinear", align_corners=False)(tensor)
+    return _numpy(tensor)
+
+
+def _numpy(tensor) -> np.ndarray:
+    if hasattr(tensor, "as_tensor"):  # MONAI MetaTensor
+        tensor = tensor.as_tensor()
+    return tensor.detach().cpu().numpy()
 
 
 def preprocess_case(
@@ -189,7 +206,9 @@ def preprocess_case(
     image = _resize(frames, size, label=False)
     seg = None
     if labels is not None:
-        seg = np.rint(_resize(labels.astype(np.float32), size, label=True)).astype(np.uint8)
+        seg = np.rint(_resize(labels.astype(np.float32), size, label=True)).astype(
+            np.uint8
+        )
 
     # 2. in-plane crop centre
     centre = lv_centre(seg) if seg is not None else None
@@ -270,15 +289,16 @@ def iter_prepared_records(
         )
 
 
-def summarise_prepared(out_dir, *, print_summary: bool = True) -> "pd.DataFrame":  # noqa: F821
+def summarise_prepared(out_dir, *, print_summary: bool = True) -> pd.DataFrame:
     """Counts per vendor x split (and healthy counts) of a prepared folder; printed."""
-    import pandas as pd
 
     from medlora_lib.data.manifest import read_manifest
 
     df = read_manifest(out_dir)
     table = pd.crosstab(df["vendor"], df["split"], margins=True, margins_name="total")
-    table["healthy"] = df.groupby("vendor")["label"].apply(lambda s: int((s == 0).sum()))
+    table["healthy"] = df.groupby("vendor")["label"].apply(
+        lambda s: int((s == 0).sum())
+    )
     table.loc["total", "healthy"] = int((df["label"] == 0).sum())
     table["healthy"] = table["healthy"].astype(int)
     if print_summary:

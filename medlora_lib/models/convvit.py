@@ -134,15 +134,15 @@ class ConvViTConfig:
                 f"num_heads ({self.num_heads})"
             )
         if not 0.0 <= self.drop_path < 1.0:
-            raise ConfigError(f"ConvViTConfig.drop_path must be in [0, 1), got {self.drop_path}")
+            raise ConfigError(
+                f"ConvViTConfig.drop_path must be in [0, 1), got {self.drop_path}"
+            )
         if self.reduce not in ("all", "cls", "patch"):
             raise ConfigError(
                 f"ConvViTConfig.reduce must be 'all', 'cls' or 'patch', got {self.reduce!r}"
             )
         eff = self.eff_patch_size
-        bad = [
-            (s, p) for s, p in zip(self.image_size, eff, strict=True) if s % p != 0
-        ]
+        bad = [(s, p) for s, p in zip(self.image_size, eff, strict=True) if s % p != 0]
         if bad:
             raise ConfigError(
                 f"ConvViTConfig.image_size {self.image_size} is not divisible by the "
@@ -189,7 +189,9 @@ class ConvViTConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ConfigError(f"unknown ConvViTConfig fields {unknown}; known: {sorted(names)}")
+            raise ConfigError(
+                f"unknown ConvViTConfig fields {unknown}; known: {sorted(names)}"
+            )
         return cls(**d)
 
 
@@ -252,7 +254,9 @@ class ConvLayerNorm(nn.LayerNorm):
 class ConvNormAct(nn.Module):
     """Strided patch-embedding conv, channel LayerNorm, exact GELU (``patch_embed``)."""
 
-    def __init__(self, in_chans: int, out_chans: int, kernel: tuple[int, ...], eps: float):
+    def __init__(
+        self, in_chans: int, out_chans: int, kernel: tuple[int, ...], eps: float
+    ):
         super().__init__()
         self.conv = nn.Conv3d(in_chans, out_chans, kernel_size=kernel, stride=kernel)
         self.norm = ConvLayerNorm(out_chans, eps=eps)
@@ -291,7 +295,9 @@ class MaskedConvBlock(nn.Module):
         self.dw_conv = nn.Conv3d(chans, chans, kernel_size=5, padding=2, groups=chans)
         self.mlp = ConvMlp(chans, chans * mlp_ratio)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         h = self.conv1(self.norm1(x))
         if mask is not None:
             h = h * mask.unsqueeze(1).to(h.dtype)
@@ -476,7 +482,9 @@ class Attention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Self-attention, or cross-attention to ``context`` (un-normalised keys)."""
         ctx = x if context is None else context
         b, n, c = x.shape
@@ -521,7 +529,9 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path2 = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
         x = x + self.drop_path1(self.attn(self.norm1(x), context))
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
@@ -595,7 +605,12 @@ class ConvViT(nn.Module):
             }
         )
         self.encoder = ViTEncoder(
-            c.embed_dim, c.depth, c.num_heads, c.mlp_ratio, c.qkv_bias, c.drop_path,
+            c.embed_dim,
+            c.depth,
+            c.num_heads,
+            c.mlp_ratio,
+            c.qkv_bias,
+            c.drop_path,
             c.norm_eps,
         )
         self.apply(init_weights)
@@ -611,9 +626,13 @@ class ConvViT(nn.Module):
 
     def _check_start(self, start_block: int) -> None:
         if not 0 <= start_block <= self.depth:
-            raise ConfigError(f"start_block must be in 0..{self.depth}, got {start_block}")
+            raise ConfigError(
+                f"start_block must be in 0..{self.depth}, got {start_block}"
+            )
 
-    def forward_prefix(self, x: torch.Tensor, start_block: int) -> dict[str, torch.Tensor]:
+    def forward_prefix(
+        self, x: torch.Tensor, start_block: int
+    ) -> dict[str, torch.Tensor]:
         """Everything that does not depend on blocks ``start_block`` and later.
 
         Args:
@@ -649,7 +668,9 @@ class ConvViT(nn.Module):
         fused = fusion.norm(x[:, 1:] + state["fusion_skip"])
         return x[:, 0], fused
 
-    def head(self, cls: torch.Tensor, fused: torch.Tensor, reduce: str | None = None) -> torch.Tensor:
+    def head(
+        self, cls: torch.Tensor, fused: torch.Tensor, reduce: str | None = None
+    ) -> torch.Tensor:
         """Logits (B, num_classes) from the CLS token and the fused patch tokens."""
         reduce = reduce or self.config.reduce
         if reduce == "cls":
@@ -662,7 +683,10 @@ class ConvViT(nn.Module):
         raise ConfigError(f"reduce must be 'all', 'cls' or 'patch', got {reduce!r}")
 
     def forward_suffix(
-        self, state: dict[str, torch.Tensor], start_block: int, reduce: str | None = None
+        self,
+        state: dict[str, torch.Tensor],
+        start_block: int,
+        reduce: str | None = None,
     ) -> torch.Tensor:
         """Logits (B, num_classes) from a :meth:`forward_prefix` state."""
         cls, fused = self.encode_suffix(state, start_block)
@@ -709,11 +733,15 @@ def build_convvit(
         ConfigError: unknown size or field, or inconsistent numbers.
     """
     if size not in SIZES:
-        raise ConfigError(f"unknown ConvViT size {size!r}; choose one of {sorted(SIZES)}")
+        raise ConfigError(
+            f"unknown ConvViT size {size!r}; choose one of {sorted(SIZES)}"
+        )
     fields = {f.name for f in dataclasses.fields(ConvViTConfig)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise ConfigError(f"unknown ConvViT override(s) {unknown}; known: {sorted(fields)}")
+        raise ConfigError(
+            f"unknown ConvViT override(s) {unknown}; known: {sorted(fields)}"
+        )
     kw = {**SIZES[size], **overrides}
     cfg = ConvViTConfig(
         size=size,

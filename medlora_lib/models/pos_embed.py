@@ -22,7 +22,9 @@ import torch
 __all__ = ["sincos_1d", "sincos_pos_embed", "sincos_pos_embed_tensor"]
 
 
-def sincos_1d(embed_dim: int, positions: np.ndarray, max_period: int = 10000) -> np.ndarray:
+def sincos_1d(
+    embed_dim: int, positions: np.ndarray, max_period: int = 10000
+) -> np.ndarray:
     """1-D sin/cos embedding of ``positions`` (any shape, flattened), float32.
 
     Args:

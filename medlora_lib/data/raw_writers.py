@@ -1,0 +1,258 @@
+"""Write synthetic cases in the official ACDC and M&Ms-1 download layouts.
+
+With these, the real-data loaders (:mod:`medlora_lib.data.acdc`,
+:mod:`medlora_lib.data.mnms`) and ``medlora prepare`` can be exercised end to end without
+downloading anything. The layouts follow ``../shared/reference/datasets.md``:
+
+* **ACDC**: ``database/{training,testing}/patientXXX/`` with ``Info.cfg`` (1-based
+  ``ED`` / ``ES`` frame numbers), ``patientXXX_4d.nii.gz`` (x, y, z, t) and
+  ``patientXXX_frameYY[_gt].nii.gz`` at ED and ES; ground truth in the ACDC label map
+  (RV 1, MYO 2, LV 3). The first 100 cases go to ``training``, the rest to ``testing``.
+* **M&Ms-1**: ``OpenDataset/{Training/Labeled, Training/Unlabeled, Validation,
+  Testing}/<CODE>/<CODE>_sa.nii.gz`` (4D cine) and ``<CODE>_sa_gt.nii.gz`` (4D, labels at
+  ED and ES only, M&Ms map LV 1, MYO 2, RV 3), plus the metadata CSV with 0-based ``ED`` /
+  ``ES``. Cases are distributed over the folders per vendor in the proportions of the
+  real open set (Siemens 75/5/15, Philips 75/10/40, GE 25/10/40 with its training cases
+  unlabelled, Canon 0/10/40 for training/validation/testing).
+
+Both writers stream (one case in memory at a time) and are atomic: the layout is written
+into a hidden temporary folder and renamed at the end. Explained in
+``book/synthetic_data.md``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from medlora_lib.errors import DataError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from medlora_lib.data.synthetic import RawCase
+
+__all__ = [
+    "ACDC_FROM_MEDLORA",
+    "MNMS_CSV_NAME",
+    "MNMS_CSV_COLUMNS",
+    "MNMS_FOLDER_SHARES",
+    "write_acdc_layout",
+    "write_mnms_layout",
+]
+
+#: medlora label (index) -> ACDC label: LV 1 -> 3, MYO 2 -> 2, RV 3 -> 1.
+ACDC_FROM_MEDLORA = np.array([0, 3, 2, 1], dtype=np.uint8)
+MNMS_CSV_NAME = "211230_M&Ms_Dataset_information_diagnosis_opendataset.csv"
+MNMS_CSV_COLUMNS = (
+    "External code", "VendorName", "Vendor", "Centre", "ED", "ES",
+    "Age", "Pathology", "Sex", "Height", "Weight",
+)  # fmt: skip
+#: Training / Validation / Testing shares per vendor in the real open M&Ms-1 set.
+MNMS_FOLDER_SHARES = {
+    "Siemens": (75, 5, 15),
+    "Philips": (75, 10, 40),
+    "GE": (25, 10, 40),
+    "Canon": (0, 10, 40),
+}
+_VENDOR_LETTER = {"Siemens": "A", "Philips": "B", "GE": "C", "Canon": "D"}
+_ACDC_TRAINING = 100
+_FRAME_MS = 35.0  # nominal temporal resolution written in pixdim[4]
+
+
+def _nifti(data: np.ndarray, case: RawCase, dtype, time_axis: bool) -> nib.Nifti1Image:
+    img = nib.Nifti1Image(np.asarray(data).astype(dtype), case.affine)
+    spacing = tuple(float(s) for s in case.spacing)
+    img.header.set_zooms(spacing + ((_FRAME_MS,) if time_axis else ()))
+    img.header.set_xyzt_units("mm", "msec")
+    img.header.set_qform(case.affine, code=1)
+    img.header.set_sform(case.affine, code=1)
+    return img
+
+
+def _require_cine(case: RawCase) -> None:
+    if not case.has_cine:
+        raise DataError(
+            f"case {case.subject_id} has no cine (only ED/ES frames); raw layouts need "
+            "the whole cine: generate with with_cine=True."
+        )
+
+
+def _start(raw_dir: Path, top: str, overwrite: bool) -> tuple[Path, Path]:
+    raw_dir = Path(raw_dir).absolute()
+    final = raw_dir / top
+    if final.exists() and not overwrite:
+        raise DataError(
+            f"`{final}` already exists; pass overwrite=True (--overwrite) to replace it, "
+            "or choose another folder."
+        )
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    tmp = raw_dir / f".{top}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return final, tmp
+
+
+def _finish(final: Path, tmp: Path) -> None:
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+
+
+def write_acdc_layout(
+    cases: Iterable[RawCase], raw_dir: str | Path, overwrite: bool = False
+) -> Path:
+    """Write ACDC-like cases in the official ACDC layout under ``raw_dir/database``.
+
+    Args:
+        cases: cases with a whole cine, in order (numbered patient001, patient002, ...).
+        raw_dir: the folder that will hold ``database/``.
+        overwrite: replace an existing ``raw_dir/database``.
+
+    Returns:
+        ``raw_dir`` as a Path.
+
+    Raises:
+        DataError: a case has no cine, or ``database/`` exists and ``overwrite`` is False.
+    """
+    raw_dir = Path(raw_dir)
+    final, tmp = _start(raw_dir, "database", overwrite)
+    try:
+        for number, case in enumerate(cases, start=1):
+            _require_cine(case)
+            split = "training" if number <= _ACDC_TRAINING else "testing"
+            name = f"patient{number:03d}"
+            folder = tmp / split / name
+            folder.mkdir(parents=True)
+            meta = case.metadata
+            n_frames = case.cine.shape[-1]
+            (folder / "Info.cfg").write_text(
+                f"ED: {case.ed_index + 1}\n"
+                f"ES: {case.es_index + 1}\n"
+                f"Group: {case.pathology}\n"
+                f"Height: {meta.get('height_cm', 170.0):.1f}\n"
+                f"NbFrame: {n_frames}\n"
+                f"Weight: {meta.get('weight_kg', 75.0):.1f}\n"
+            )
+            nib.save(
+                _nifti(case.cine, case, np.int16, True), folder / f"{name}_4d.nii.gz"
+            )
+            for index, seg in (
+                (case.ed_index, case.seg_ed),
+                (case.es_index, case.seg_es),
+            ):
+                stem = folder / f"{name}_frame{index + 1:02d}"
+                frame = case.cine[..., index]
+                nib.save(_nifti(frame, case, np.int16, False), f"{stem}.nii.gz")
+                gt = ACDC_FROM_MEDLORA[seg]
+                nib.save(_nifti(gt, case, np.uint8, False), f"{stem}_gt.nii.gz")
+        _finish(final, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return raw_dir
+
+
+def _mnms_folder(vendor: str, position: int, n: int) -> str:
+    train, val, test = MNMS_FOLDER_SHARES[vendor]
+    f = (position + 0.5) / max(n, 1)
+    total = train + val + test
+    if f < train / total:
+        return "Training/Unlabeled" if vendor == "GE" else "Training/Labeled"
+    if f < (train + val) / total:
+        return "Validation"
+    return "Testing"
+
+
+def write_mnms_layout(
+    cases: Iterable[RawCase], raw_dir: str | Path, overwrite: bool = False
+) -> Path:
+    """Write M&Ms-like cases in the official M&Ms-1 layout under ``raw_dir/OpenDataset``.
+
+    Each vendor's cases are distributed over Training / Validation / Testing in the
+    proportions of :data:`MNMS_FOLDER_SHARES` (in the order they come); GE training cases
+    go to ``Training/Unlabeled`` without a ``_gt`` file (their diagnosis stays in the
+    CSV). Codes are the cases' 6-character ``mnms_code`` (made unique if they collide).
+
+    Args:
+        cases: cases with a whole cine.
+        raw_dir: the folder that will hold ``OpenDataset/``.
+        overwrite: replace an existing ``raw_dir/OpenDataset``.
+
+    Returns:
+        ``raw_dir`` as a Path.
+
+    Raises:
+        DataError: a case has no cine, or ``OpenDataset/`` exists and ``overwrite`` is
+            False.
+    """
+    raw_dir = Path(raw_dir)
+    cases = iter(cases)
+    first = next(cases, None)
+    head = [] if first is None else [first]
+    if first is not None and "part_size" in first.metadata:
+        # cases from generate_cohort know their place: stream them one at a time
+        stream = itertools.chain(head, cases)
+        sizes = None
+    else:  # count per vendor first (keeps the cases in memory)
+        stream = head + list(cases)
+        sizes = {}
+        for case in stream:
+            sizes[case.vendor] = sizes.get(case.vendor, 0) + 1
+    final, tmp = _start(raw_dir, "OpenDataset", overwrite)
+    rows, seen, position = [], set(), {}
+    try:
+        for case in stream:
+            _require_cine(case)
+            code = str(case.metadata.get("mnms_code") or case.subject_id[-6:]).upper()
+            while code in seen:  # deterministic de-duplication
+                code = code[:-1] + str(
+                    (int(code[-1]) + 1) % 10 if code[-1].isdigit() else 0
+                )
+            seen.add(code)
+            if sizes is None:
+                index, n = case.metadata["part_index"], case.metadata["part_size"]
+            else:
+                index, n = position.get(case.vendor, 0), sizes[case.vendor]
+                position[case.vendor] = index + 1
+            sub = _mnms_folder(case.vendor, index, n)
+            folder = tmp / sub / code
+            folder.mkdir(parents=True)
+            nib.save(
+                _nifti(case.cine, case, np.int16, True), folder / f"{code}_sa.nii.gz"
+            )
+            if sub != "Training/Unlabeled":
+                gt = np.zeros(case.cine.shape, dtype=np.uint8)
+                gt[..., case.ed_index] = case.seg_ed
+                gt[..., case.es_index] = case.seg_es
+                nib.save(
+                    _nifti(gt, case, np.uint8, True), folder / f"{code}_sa_gt.nii.gz"
+                )
+            meta = case.metadata
+            rows.append(
+                {
+                    "External code": code,
+                    "VendorName": case.vendor,
+                    "Vendor": _VENDOR_LETTER[case.vendor],
+                    "Centre": int(case.centre),
+                    "ED": case.ed_index,
+                    "ES": case.es_index,
+                    "Age": meta.get("age", ""),
+                    "Pathology": case.pathology,
+                    "Sex": meta.get("sex", ""),
+                    "Height": round(float(meta.get("height_cm", 170.0)), 1),
+                    "Weight": round(float(meta.get("weight_kg", 75.0)), 1),
+                }
+            )
+        df = pd.DataFrame(rows, columns=list(MNMS_CSV_COLUMNS))
+        df.to_csv(tmp / MNMS_CSV_NAME, index=True)
+        _finish(final, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return raw_dir

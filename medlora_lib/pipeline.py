@@ -1,0 +1,270 @@
+"""From a config to data, model and a fine-tuned reference: the steps every chapter shares.
+
+- :func:`resolve_data_dir` — the prepared data of a config: ``data.data_dir``,
+  ``$MEDLORA_DATA_DIR``, or the synthetic set of the profile (generated once, cached by
+  its parameters).
+- :func:`load_client_data` — every client's train / val / test arrays in memory.
+- :func:`build_model` — the ConvViT of the profile with its pretrained weights.
+- :func:`finetune_pooled` — the centralised reference (all clients' data pooled), used to
+  calibrate the difficulty of the synthetic task before any federated method is compared.
+
+Explained in the book: notebooks 00 and 01.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from medlora_lib.config import ExperimentConfig, default_cache_dir
+from medlora_lib.errors import DataError
+
+__all__ = [
+    "ClientData",
+    "resolve_data_dir",
+    "synthetic_config",
+    "load_client_data",
+    "build_model",
+    "adapter_config",
+    "finetune_pooled",
+]
+
+
+def synthetic_config(cfg: ExperimentConfig):
+    """The :class:`~medlora_lib.data.synthetic.SynthConfig` that a config implies."""
+    from medlora_lib.data.synthetic import SynthConfig
+
+    return SynthConfig.for_profile(
+        cfg.profile if cfg.profile != "paper" else "cpu",
+        scale=cfg.data.scale,
+        min_per_vendor=cfg.data.min_per_vendor,
+        heterogeneity=cfg.data.heterogeneity,
+        seed=cfg.data.synth_seed,
+        image_size=tuple(cfg.data.image_size),
+        spacing=tuple(cfg.data.spacing),
+        val_fraction=cfg.data.val_fraction,
+        test_fraction=cfg.data.test_fraction,
+    )
+
+
+def resolve_data_dir(cfg: ExperimentConfig, verbose: bool = True) -> Path:
+    """The prepared data folder for ``cfg`` (generated and cached when synthetic).
+
+    Order: ``cfg.data.data_dir``, then ``$MEDLORA_DATA_DIR``, then the synthetic data set
+    of the profile under ``<cache>/data/synth-<hash>`` (made once; same parameters, same
+    folder, same bytes).
+
+    Raises:
+        DataError: a given folder holds no ``manifest.csv``.
+    """
+    given = cfg.data.data_dir or os.environ.get("MEDLORA_DATA_DIR")
+    if given:
+        path = Path(given).expanduser().resolve()
+        if not (path / "manifest.csv").exists():
+            raise DataError(
+                f"{path} holds no manifest.csv; prepare real data with "
+                f"`medlora prepare acdc|mnms RAW_DIR {path}` or unset MEDLORA_DATA_DIR "
+                f"to use the synthetic default"
+            )
+        return path
+    from medlora_lib.data.synthetic import make_synthetic
+
+    scfg = synthetic_config(cfg)
+    key = json.dumps(_jsonable(scfg), sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    path = default_cache_dir() / "data" / f"synth-{cfg.profile}-{digest}"
+    if not (path / "manifest.csv").exists():
+        t0 = time.perf_counter()
+        make_synthetic(path, scfg, layout="preprocessed", overwrite=True)
+        if verbose:
+            print(f"generated synthetic data in {path} ({time.perf_counter() - t0:.1f} s)")
+    return path
+
+
+def _jsonable(obj: Any) -> Any:
+    from dataclasses import asdict, is_dataclass
+
+    return json.loads(json.dumps(asdict(obj) if is_dataclass(obj) else obj, default=str))
+
+
+@dataclass
+class ClientData:
+    """One client's arrays: ``splits[split] = (images (N,2,H,W,D), labels (N,))``."""
+
+    name: str
+    splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    subjects: dict[str, list[str]] = field(default_factory=dict)
+
+    def num_examples(self, split: str = "train") -> int:
+        return int(self.splits[split][1].shape[0]) if split in self.splits else 0
+
+
+def load_client_data(
+    data_dir: str | Path, client_column: str = "vendor"
+) -> tuple[dict[str, ClientData], pd.DataFrame]:
+    """Every client's train / val / test arrays, held in memory as float32 tensors.
+
+    Returns:
+        ``(clients, manifest)`` with clients in the canonical vendor order.
+    """
+    from medlora_lib.data.manifest import VENDORS, read_manifest
+
+    data_dir = Path(data_dir)
+    manifest = read_manifest(data_dir)
+    names = [v for v in VENDORS if v in set(manifest[client_column])]
+    names += sorted(set(manifest[client_column]) - set(names))
+    clients: dict[str, ClientData] = {}
+    for name in names:
+        cd = ClientData(name)
+        for split in ("train", "val", "test"):
+            rows = manifest[(manifest[client_column] == name) & (manifest.split == split)]
+            if rows.empty:
+                continue
+            imgs = np.stack(
+                [np.load(data_dir / p)["image"] for p in rows["path"]]
+            ).astype(np.float32)
+            cd.splits[split] = (
+                torch.from_numpy(imgs),
+                torch.as_tensor(rows["label"].to_numpy().copy(), dtype=torch.long),
+            )
+            cd.subjects[split] = rows["subject_id"].tolist()
+        clients[name] = cd
+    return clients, manifest
+
+
+def build_model(cfg: ExperimentConfig, verbose: bool = False):
+    """The ConvViT of ``cfg`` with its weights (``model.pretrained``).
+
+    Returns:
+        ``(model, report)``; ``report`` is the :class:`LoadReport` or None for ``none``.
+    """
+    from medlora_lib.models import build_convvit, load_pretrained
+
+    model = build_convvit(
+        cfg.model.size,
+        image_size=tuple(cfg.data.image_size),
+        in_frames=2,
+        num_classes=2,
+        drop_path=cfg.model.drop_path,
+        **cfg.model.overrides,
+    )
+    report = None
+    if cfg.model.pretrained != "none":
+        report = load_pretrained(model, cfg.model.pretrained)
+        if verbose:
+            print(report)
+    model.eval()
+    return model, report
+
+
+def adapter_config(cfg: ExperimentConfig, method: str | None = None):
+    """The :class:`~medlora_lib.adapters.AdapterConfig` of ``cfg``."""
+    from medlora_lib.adapters import AdapterConfig
+
+    kwargs = dict(cfg.adapter)
+    if "target_modules" in kwargs:
+        kwargs["target_modules"] = tuple(kwargs["target_modules"])
+    if isinstance(kwargs.get("adapted_blocks"), list):
+        kwargs["adapted_blocks"] = tuple(kwargs["adapted_blocks"])
+    return AdapterConfig(method=method or cfg.method, **kwargs)
+
+
+def _inputs_for(model, start_block: int | None, images: torch.Tensor, batch_size: int):
+    """Model inputs: the frozen-prefix cache when possible, else the raw images."""
+    if start_block is None:
+        return {"image": images}
+    from medlora_lib.models.prefix_cache import build_prefix_cache
+
+    cache = build_prefix_cache(model, images, start_block, batch_size=batch_size)
+    return cache.as_inputs()
+
+
+def finetune_pooled(
+    cfg: ExperimentConfig,
+    clients: dict[str, ClientData],
+    epochs: int,
+    seed: int | None = None,
+    verbose: bool = True,
+) -> dict[str, Any]:
+    """Centralised reference: LoRA + head fine-tuned on all clients' data pooled.
+
+    Model selection on the pooled validation split (best ``train.selection_metric``);
+    the test split is touched once, at the end.
+
+    Returns:
+        ``{"history": DataFrame, "test": per-client + pooled metrics DataFrame,
+        "best_epoch": int, "seconds": float}``.
+    """
+    from medlora_lib.adapters import apply_adapters, first_adapted_block
+    from medlora_lib.metrics import binary_metrics
+    from medlora_lib.train import fit, predict_proba, resolve_device, seed_everything
+
+    seed = cfg.seed if seed is None else seed
+    seed_everything(seed)
+    t0 = time.perf_counter()
+    model, _ = build_model(cfg)
+    acfg = adapter_config(cfg, "centralized")
+    model = apply_adapters(model, acfg, "centralized", seed=seed)
+    device = resolve_device(cfg.train.device)
+    use_cache = cfg.train.use_prefix_cache and not cfg.data.augment
+    start = first_adapted_block(acfg, model) if use_cache else None
+
+    def pooled(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [c.splits[split] for c in clients.values() if split in c.splits]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    xtr, ytr = pooled("train")
+    xva, yva = pooled("val")
+    model.eval()
+    tr_in = _inputs_for(model, start, xtr, cfg.train.batch_size)
+    va_in = _inputs_for(model, start, xva, cfg.train.batch_size)
+    model.to(device)
+
+    def forward(batch):
+        if start is None:
+            return model(batch["image"])
+        return model.forward_suffix(batch, start)
+
+    res = fit(
+        forward,
+        model,
+        (tr_in, ytr),
+        (va_in, yva),
+        cfg.train,
+        epochs=epochs,
+        seed=seed,
+        device=device,
+        on_epoch=(lambda r: print(
+            f"epoch {r['epoch']:3d}  loss {r['train_loss']:.4f}  "
+            f"val BA {r['val_balanced_accuracy']:.3f}"
+        )) if verbose else None,
+    )
+    rows, all_y, all_p = [], [], []
+    for name, c in clients.items():
+        if "test" not in c.splits:
+            continue
+        xte, yte = c.splits["test"]
+        prob = predict_proba(forward, _inputs_for(model, start, xte, 64), device=device)
+        rows.append({"client": name, **binary_metrics(yte.numpy(), prob)})
+        all_y.append(yte.numpy())
+        all_p.append(prob)
+    rows.append(
+        {"client": "pooled", **binary_metrics(np.concatenate(all_y), np.concatenate(all_p))}
+    )
+    return {
+        "history": pd.DataFrame(res.history),
+        "test": pd.DataFrame(rows),
+        "best_epoch": res.best_epoch,
+        "seconds": time.perf_counter() - t0,
+        "y_true": np.concatenate(all_y),
+        "prob": np.concatenate(all_p),
+    }

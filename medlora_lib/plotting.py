@@ -1,0 +1,200 @@
+"""Plots for the book: functions take tidy DataFrames / arrays and return ``(fig, ax)``.
+
+One colour per method and one per vendor, fixed across every chapter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+__all__ = [
+    "VENDOR_COLORS",
+    "METHOD_COLORS",
+    "set_style",
+    "plot_client_sizes",
+    "plot_case_grid",
+    "plot_intensity_distributions",
+    "plot_distance_matrix",
+    "plot_phenotypes",
+    "plot_knob_sweep",
+    "plot_loss_curve",
+    "plot_reconstructions",
+    "plot_probe_results",
+]
+
+VENDOR_COLORS: dict[str, str] = {
+    "Siemens": "#1b9e77",
+    "Philips": "#d95f02",
+    "GE": "#7570b3",
+    "Canon": "#e7298a",
+}
+
+METHOD_COLORS: dict[str, str] = {
+    "local": "#7f7f7f",
+    "centralized": "#000000",
+    "fedavg_lora": "#1f77b4",
+    "ffa_lora": "#17becf",
+    "fedsa_lora": "#9467bd",
+    "fedprox_lora": "#8c564b",
+    "med_dual_lora": "#d62728",
+    "med_dual_lora_global": "#ff9896",
+}
+
+
+def set_style() -> None:
+    """The book's plot style (readable at page width, colour-blind-safe palettes)."""
+    sns.set_theme(context="notebook", style="whitegrid")
+    plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 110, "axes.titlesize": 11})
+
+
+def plot_client_sizes(manifest: pd.DataFrame, ax: Any = None) -> tuple[Any, Any]:
+    """Stacked bars of healthy / diseased subjects per vendor, prevalence annotated."""
+    counts = (
+        manifest.groupby(["vendor", "label"]).size().unstack(fill_value=0)
+        .reindex(columns=[0, 1], fill_value=0)
+    )
+    order = [v for v in VENDOR_COLORS if v in counts.index]
+    counts = counts.loc[order]
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 3.4))
+    ax.bar(order, counts[0], color="#9ecae1", label="healthy (NOR)")
+    ax.bar(order, counts[1], bottom=counts[0], color="#de2d26", label="disease")
+    for i, v in enumerate(order):
+        total = counts.loc[v].sum()
+        ax.text(i, total, f"{counts.loc[v, 0] / total:.0%} healthy", ha="center",
+                va="bottom", fontsize=9)
+    ax.set_ylabel("subjects")
+    ax.set_xlabel("client (scanner vendor)")
+    ax.legend(frameon=False)
+    return fig, ax
+
+
+def plot_case_grid(
+    images: Sequence[np.ndarray],
+    titles: Sequence[str],
+    ncols: int,
+    slice_index: int | None = None,
+    row_labels: Sequence[str] | None = None,
+) -> tuple[Any, Any]:
+    """A grid of mid-ventricular slices; each image is (H, W, D) already in [0, 1]."""
+    nrows = int(np.ceil(len(images) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.7 * ncols, 1.8 * nrows))
+    axes = np.atleast_2d(axes)
+    for k, ax in enumerate(axes.flat):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if k >= len(images):
+            ax.axis("off")
+            continue
+        img = images[k]
+        z = img.shape[-1] // 2 if slice_index is None else slice_index
+        ax.imshow(img[..., z].T, cmap="gray", vmin=0, vmax=1, origin="lower")
+        ax.set_title(titles[k], fontsize=8)
+    if row_labels is not None:
+        for r, lab in enumerate(row_labels):
+            axes[r, 0].set_ylabel(lab, fontsize=9)
+    fig.tight_layout()
+    return fig, axes
+
+
+def plot_intensity_distributions(df: pd.DataFrame, ax: Any = None) -> tuple[Any, Any]:
+    """Densities of voxel intensities per vendor (``df``: columns vendor, intensity)."""
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 3.4))
+    for vendor, group in df.groupby("vendor", sort=False):
+        sns.kdeplot(group["intensity"], ax=ax, label=vendor, bw_adjust=0.6,
+                    color=VENDOR_COLORS.get(vendor), clip=(0, 1))
+    ax.set_xlabel("preprocessed intensity (a.u., [0, 1])")
+    ax.set_ylabel("density")
+    ax.legend(frameon=False)
+    return fig, ax
+
+
+def plot_distance_matrix(
+    matrix: pd.DataFrame, title: str, ax: Any = None, fmt: str = ".3f"
+) -> tuple[Any, Any]:
+    """Heatmap of a vendor × vendor matrix (distances, or train × test scores)."""
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(4.2, 3.6))
+    sns.heatmap(matrix, annot=True, fmt=fmt, cmap="viridis", ax=ax, cbar=False,
+                square=True)
+    ax.set_title(title)
+    return fig, ax
+
+
+def plot_phenotypes(df: pd.DataFrame, x: str, y: str, ax: Any = None) -> tuple[Any, Any]:
+    """Scatter of two phenotype measurements coloured by pathology."""
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5.5, 4))
+    sns.scatterplot(data=df, x=x, y=y, hue="pathology", style="label", ax=ax, s=22,
+                    alpha=0.8)
+    ax.legend(fontsize=8, frameon=False, bbox_to_anchor=(1.02, 1), loc="upper left")
+    return fig, ax
+
+
+def plot_knob_sweep(df: pd.DataFrame, x: str, y: str, ax: Any = None,
+                    chance: float | None = None) -> tuple[Any, Any]:
+    """A metric against the heterogeneity knob (``df``: one row per level and repeat)."""
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5, 3.4))
+    sns.pointplot(data=df, x=x, y=y, ax=ax, errorbar=("ci", 95), color="#1f77b4")
+    if chance is not None:
+        ax.axhline(chance, ls="--", color="grey", lw=1, label="chance")
+        ax.legend(frameon=False)
+    return fig, ax
+
+
+def plot_loss_curve(steps: Sequence[int], losses: Sequence[float], ax: Any = None,
+                    label: str | None = None) -> tuple[Any, Any]:
+    """Training loss against optimisation step."""
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5.5, 3.2))
+    ax.plot(steps, losses, lw=1.2, label=label)
+    ax.set_xlabel("optimisation step")
+    ax.set_ylabel("MSE on masked patches")
+    ax.set_yscale("log")
+    return fig, ax
+
+
+def plot_reconstructions(
+    originals: Sequence[np.ndarray],
+    masked: Sequence[np.ndarray],
+    recons: Sequence[np.ndarray],
+    titles: Sequence[str],
+) -> tuple[Any, Any]:
+    """Rows of (input, visible patches, reconstruction) mid slices, each (H, W, D)."""
+    n = len(originals)
+    fig, axes = plt.subplots(n, 3, figsize=(5.4, 1.9 * n))
+    axes = np.atleast_2d(axes)
+    for i in range(n):
+        for j, (img, name) in enumerate(
+            [(originals[i], "input"), (masked[i], "visible (25 %)"),
+             (recons[i], "reconstruction")]
+        ):
+            ax = axes[i, j]
+            z = img.shape[-1] // 2
+            ax.imshow(img[..., z].T, cmap="gray", vmin=0, vmax=1, origin="lower")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(name, fontsize=9)
+        axes[i, 0].set_ylabel(titles[i], fontsize=8)
+    fig.tight_layout()
+    return fig, axes
+
+
+def plot_probe_results(df: pd.DataFrame, ax: Any = None) -> tuple[Any, Any]:
+    """Grouped bars: probe score per task × probe, pretrained vs random init.
+
+    ``df`` columns: task, probe, weights, score, (optional) ci_low, ci_high.
+    """
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6.5, 3.4))
+    df = df.copy()
+    df["probe on task"] = df["task"] + "\n" + df["probe"]
+    sns.barplot(data=df, x="probe on task", y="score", hue="weights", ax=ax,
+                palette={"pretrained (MAE)": "#d62728", "random init": "#7f7f7f"})
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("balanced accuracy (test)")
+    ax.set_xlabel("")
+    ax.legend(frameon=False, loc="lower right")
+    return fig, ax
