@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import resource
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -28,6 +30,7 @@ from medlora_lib.data.synthetic import (
     SynthConfig,
     cohort_plan,
     generate_cohort,
+    make_synthetic,
     measure_phenotype,
 )
 
@@ -53,6 +56,9 @@ def main() -> None:
     ap.add_argument("--profile", default="cpu")
     ap.add_argument("--scale", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--workers", type=int, default=1, help="also time make_synthetic(workers=N)"
+    )
     args = ap.parse_args()
     cfg = SynthConfig.for_profile(args.profile, scale=args.scale, seed=args.seed)
     n = len(cohort_plan(cfg))
@@ -107,6 +113,13 @@ def main() -> None:
     )
     t_cine = (time.perf_counter() - t) / len(cine_cases)
 
+    t_workers = None
+    if args.workers > 1:
+        with tempfile.TemporaryDirectory() as tmp:
+            t = time.perf_counter()
+            make_synthetic(Path(tmp) / "d", cfg, workers=args.workers)
+            t_workers = time.perf_counter() - t
+
     print(
         f"profile {args.profile}: {n} subjects, image {cfg.image_size} "
         f"at {cfg.spacing} mm"
@@ -124,6 +137,10 @@ def main() -> None:
         f"| generation with whole cine ({cine_cases[0].cine.shape[-1]} frames) "
         f"| {t_cine:.2f} s / subject |"
     )
+    if t_workers is not None:
+        print(
+            f"| make_synthetic, {args.workers} workers (incl. writing) | {t_workers:.1f} s |"
+        )
     print(f"| peak RSS | {peak_rss_mb():.0f} MB |")
     print(f"| in-memory size of the preprocessed set | {nbytes / 2**20:.1f} MB |")
     print(

@@ -88,8 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     n_val = max(32, len(pool) // 20)
     perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(args.seed))
     val, train = pool[perm[:n_val]], pool[perm[n_val:]]
-    print(f"pool: {len(pool)} frames ({args.subjects} subjects) in {t_data:.0f} s; "
-          f"train {len(train)}, val {len(val)}", flush=True)
+    print(
+        f"pool: {len(pool)} frames ({args.subjects} subjects) in {t_data:.0f} s; "
+        f"train {len(train)}, val {len(val)}",
+        flush=True,
+    )
 
     cfg = SynthConfig.for_profile(args.profile)
     model = build_mae("small", image_size=cfg.image_size)
@@ -97,9 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr, betas=(0.9, 0.95),
+        [
+            {"params": decay, "weight_decay": args.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=args.lr,
+        betas=(0.9, 0.95),
     )
     val_at_init = val_loss(model, val, seed=123)
     gen = torch.Generator().manual_seed(args.seed + 1)
@@ -123,8 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         if (step + 1) % 250 == 0 or step == args.steps - 1:
             v = val_loss(model, val, seed=123)
             val_curve.append((step + 1, v))
-            print(f"step {step + 1:5d}  train {running:.5f}  val {v:.5f}  "
-                  f"({time.perf_counter() - t_train:.0f} s)", flush=True)
+            print(
+                f"step {step + 1:5d}  train {running:.5f}  val {v:.5f}  "
+                f"({time.perf_counter() - t_train:.0f} s)",
+                flush=True,
+            )
     train_seconds = time.perf_counter() - t_train
     model.eval()
     card = {
@@ -158,16 +167,24 @@ def main(argv: list[str] | None = None) -> int:
         "val_loss_at_init": val_at_init,
         "val_loss_final": val_curve[-1][1],
         "loss_curve": {"step": [s for s, _ in curve], "loss": [v for _, v in curve]},
-        "val_curve": {"step": [s for s, _ in val_curve], "loss": [v for _, v in val_curve]},
+        "val_curve": {
+            "step": [s for s, _ in val_curve],
+            "loss": [v for _, v in val_curve],
+        },
         "command": command,
         "provenance": provenance(),
     }
-    save_mae(model, args.out, metadata={"card": "small_fm_card.json",
-                                         "steps": args.steps, "seed": args.seed})
+    save_mae(
+        model,
+        args.out,
+        metadata={"card": "small_fm_card.json", "steps": args.steps, "seed": args.seed},
+    )
     write_json(args.out.with_name(args.out.stem + "_card.json"), card)
     size_mb = args.out.stat().st_size / 1e6
-    print(f"wrote {args.out} ({size_mb:.1f} MB); val loss {val_at_init:.4f} -> "
-          f"{val_curve[-1][1]:.4f}; {train_seconds:.0f} s training")
+    print(
+        f"wrote {args.out} ({size_mb:.1f} MB); val loss {val_at_init:.4f} -> "
+        f"{val_curve[-1][1]:.4f}; {train_seconds:.0f} s training"
+    )
     return 0
 
 

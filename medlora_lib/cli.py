@@ -93,8 +93,12 @@ def _cmd_synth(args: argparse.Namespace) -> None:
         overrides["scale"] = args.scale
     cfg = SynthConfig.for_profile(args.profile, **overrides)
     t0 = time.perf_counter()
-    out = make_synthetic(args.out_dir, cfg, layout=args.layout, overwrite=args.overwrite)
-    print(f"wrote {args.layout} synthetic data to {out} ({time.perf_counter() - t0:.1f} s)")
+    out = make_synthetic(
+        args.out_dir, cfg, layout=args.layout, overwrite=args.overwrite
+    )
+    print(
+        f"wrote {args.layout} synthetic data to {out} ({time.perf_counter() - t0:.1f} s)"
+    )
 
 
 def _cmd_prepare(args: argparse.Namespace) -> None:

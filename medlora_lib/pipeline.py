@@ -86,14 +86,18 @@ def resolve_data_dir(cfg: ExperimentConfig, verbose: bool = True) -> Path:
         t0 = time.perf_counter()
         make_synthetic(path, scfg, layout="preprocessed", overwrite=True)
         if verbose:
-            print(f"generated synthetic data in {path} ({time.perf_counter() - t0:.1f} s)")
+            print(
+                f"generated synthetic data in {path} ({time.perf_counter() - t0:.1f} s)"
+            )
     return path
 
 
 def _jsonable(obj: Any) -> Any:
     from dataclasses import asdict, is_dataclass
 
-    return json.loads(json.dumps(asdict(obj) if is_dataclass(obj) else obj, default=str))
+    return json.loads(
+        json.dumps(asdict(obj) if is_dataclass(obj) else obj, default=str)
+    )
 
 
 @dataclass
@@ -126,7 +130,9 @@ def load_client_data(
     for name in names:
         cd = ClientData(name)
         for split in ("train", "val", "test"):
-            rows = manifest[(manifest[client_column] == name) & (manifest.split == split)]
+            rows = manifest[
+                (manifest[client_column] == name) & (manifest.split == split)
+            ]
             if rows.empty:
                 continue
             imgs = np.stack(
@@ -243,10 +249,14 @@ def finetune_pooled(
         epochs=epochs,
         seed=seed,
         device=device,
-        on_epoch=(lambda r: print(
-            f"epoch {r['epoch']:3d}  loss {r['train_loss']:.4f}  "
-            f"val BA {r['val_balanced_accuracy']:.3f}"
-        )) if verbose else None,
+        on_epoch=(
+            lambda r: print(
+                f"epoch {r['epoch']:3d}  loss {r['train_loss']:.4f}  "
+                f"val BA {r['val_balanced_accuracy']:.3f}"
+            )
+        )
+        if verbose
+        else None,
     )
     rows, all_y, all_p = [], [], []
     for name, c in clients.items():
@@ -258,7 +268,10 @@ def finetune_pooled(
         all_y.append(yte.numpy())
         all_p.append(prob)
     rows.append(
-        {"client": "pooled", **binary_metrics(np.concatenate(all_y), np.concatenate(all_p))}
+        {
+            "client": "pooled",
+            **binary_metrics(np.concatenate(all_y), np.concatenate(all_p)),
+        }
     )
     return {
         "history": pd.DataFrame(res.history),

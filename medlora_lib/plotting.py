@@ -56,7 +56,9 @@ def set_style() -> None:
 def plot_client_sizes(manifest: pd.DataFrame, ax: Any = None) -> tuple[Any, Any]:
     """Stacked bars of healthy / diseased subjects per vendor, prevalence annotated."""
     counts = (
-        manifest.groupby(["vendor", "label"]).size().unstack(fill_value=0)
+        manifest.groupby(["vendor", "label"])
+        .size()
+        .unstack(fill_value=0)
         .reindex(columns=[0, 1], fill_value=0)
     )
     order = [v for v in VENDOR_COLORS if v in counts.index]
@@ -66,8 +68,14 @@ def plot_client_sizes(manifest: pd.DataFrame, ax: Any = None) -> tuple[Any, Any]
     ax.bar(order, counts[1], bottom=counts[0], color="#de2d26", label="disease")
     for i, v in enumerate(order):
         total = counts.loc[v].sum()
-        ax.text(i, total, f"{counts.loc[v, 0] / total:.0%} healthy", ha="center",
-                va="bottom", fontsize=9)
+        ax.text(
+            i,
+            total,
+            f"{counts.loc[v, 0] / total:.0%} healthy",
+            ha="center",
+            va="bottom",
+            fontsize=9,
+        )
     ax.set_ylabel("subjects")
     ax.set_xlabel("client (scanner vendor)")
     ax.legend(frameon=False)
@@ -106,8 +114,14 @@ def plot_intensity_distributions(df: pd.DataFrame, ax: Any = None) -> tuple[Any,
     """Densities of voxel intensities per vendor (``df``: columns vendor, intensity)."""
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 3.4))
     for vendor, group in df.groupby("vendor", sort=False):
-        sns.kdeplot(group["intensity"], ax=ax, label=vendor, bw_adjust=0.6,
-                    color=VENDOR_COLORS.get(vendor), clip=(0, 1))
+        sns.kdeplot(
+            group["intensity"],
+            ax=ax,
+            label=vendor,
+            bw_adjust=0.6,
+            color=VENDOR_COLORS.get(vendor),
+            clip=(0, 1),
+        )
     ax.set_xlabel("preprocessed intensity (a.u., [0, 1])")
     ax.set_ylabel("density")
     ax.legend(frameon=False)
@@ -119,23 +133,28 @@ def plot_distance_matrix(
 ) -> tuple[Any, Any]:
     """Heatmap of a vendor × vendor matrix (distances, or train × test scores)."""
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(4.2, 3.6))
-    sns.heatmap(matrix, annot=True, fmt=fmt, cmap="viridis", ax=ax, cbar=False,
-                square=True)
+    sns.heatmap(
+        matrix, annot=True, fmt=fmt, cmap="viridis", ax=ax, cbar=False, square=True
+    )
     ax.set_title(title)
     return fig, ax
 
 
-def plot_phenotypes(df: pd.DataFrame, x: str, y: str, ax: Any = None) -> tuple[Any, Any]:
+def plot_phenotypes(
+    df: pd.DataFrame, x: str, y: str, ax: Any = None
+) -> tuple[Any, Any]:
     """Scatter of two phenotype measurements coloured by pathology."""
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5.5, 4))
-    sns.scatterplot(data=df, x=x, y=y, hue="pathology", style="label", ax=ax, s=22,
-                    alpha=0.8)
+    sns.scatterplot(
+        data=df, x=x, y=y, hue="pathology", style="label", ax=ax, s=22, alpha=0.8
+    )
     ax.legend(fontsize=8, frameon=False, bbox_to_anchor=(1.02, 1), loc="upper left")
     return fig, ax
 
 
-def plot_knob_sweep(df: pd.DataFrame, x: str, y: str, ax: Any = None,
-                    chance: float | None = None) -> tuple[Any, Any]:
+def plot_knob_sweep(
+    df: pd.DataFrame, x: str, y: str, ax: Any = None, chance: float | None = None
+) -> tuple[Any, Any]:
     """A metric against the heterogeneity knob (``df``: one row per level and repeat)."""
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5, 3.4))
     sns.pointplot(data=df, x=x, y=y, ax=ax, errorbar=("ci", 95), color="#1f77b4")
@@ -145,8 +164,12 @@ def plot_knob_sweep(df: pd.DataFrame, x: str, y: str, ax: Any = None,
     return fig, ax
 
 
-def plot_loss_curve(steps: Sequence[int], losses: Sequence[float], ax: Any = None,
-                    label: str | None = None) -> tuple[Any, Any]:
+def plot_loss_curve(
+    steps: Sequence[int],
+    losses: Sequence[float],
+    ax: Any = None,
+    label: str | None = None,
+) -> tuple[Any, Any]:
     """Training loss against optimisation step."""
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5.5, 3.2))
     ax.plot(steps, losses, lw=1.2, label=label)
@@ -168,8 +191,11 @@ def plot_reconstructions(
     axes = np.atleast_2d(axes)
     for i in range(n):
         for j, (img, name) in enumerate(
-            [(originals[i], "input"), (masked[i], "visible (25 %)"),
-             (recons[i], "reconstruction")]
+            [
+                (originals[i], "input"),
+                (masked[i], "visible (25 %)"),
+                (recons[i], "reconstruction"),
+            ]
         ):
             ax = axes[i, j]
             z = img.shape[-1] // 2
@@ -191,8 +217,14 @@ def plot_probe_results(df: pd.DataFrame, ax: Any = None) -> tuple[Any, Any]:
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6.5, 3.4))
     df = df.copy()
     df["probe on task"] = df["task"] + "\n" + df["probe"]
-    sns.barplot(data=df, x="probe on task", y="score", hue="weights", ax=ax,
-                palette={"pretrained (MAE)": "#d62728", "random init": "#7f7f7f"})
+    sns.barplot(
+        data=df,
+        x="probe on task",
+        y="score",
+        hue="weights",
+        ax=ax,
+        palette={"pretrained (MAE)": "#d62728", "random init": "#7f7f7f"},
+    )
     ax.set_ylim(0, 1)
     ax.set_ylabel("balanced accuracy (test)")
     ax.set_xlabel("")

@@ -70,7 +70,7 @@ def provenance(extra: dict[str, Any] | None = None) -> dict[str, Any]:
         "platform": platform.platform(),
         "device": device,
         "torch_threads": threads,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
     if extra:
         info.update(extra)

@@ -59,7 +59,9 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def class_weights(labels: torch.Tensor | np.ndarray, num_classes: int = 2) -> torch.Tensor:
+def class_weights(
+    labels: torch.Tensor | np.ndarray, num_classes: int = 2
+) -> torch.Tensor:
     """Inverse-frequency class weights ``n / (k · n_c)``; absent classes get weight 1."""
     y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     counts = torch.bincount(y, minlength=num_classes).float()
@@ -73,7 +75,9 @@ def make_optimizer(
     params: list[nn.Parameter] | list[tuple[str, nn.Parameter]], cfg: TrainConfig
 ) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only (biases, norms and 1-D tensors: none)."""
-    plist = [p for _, p in params] if params and isinstance(params[0], tuple) else params
+    plist = (
+        [p for _, p in params] if params and isinstance(params[0], tuple) else params
+    )
     decay = [p for p in plist if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in plist if p.requires_grad and p.ndim <= 1]
     groups = [

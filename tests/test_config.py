@@ -10,7 +10,11 @@ from medlora_lib.errors import ConfigError
 
 @pytest.mark.parametrize(
     ("profile", "size", "image_size"),
-    [("smoke", "small", (32, 32, 8)), ("cpu", "small", (48, 48, 8)), ("paper", "base", (192, 192, 16))],
+    [
+        ("smoke", "small", (32, 32, 8)),
+        ("cpu", "small", (48, 48, 8)),
+        ("paper", "base", (192, 192, 16)),
+    ],
 )
 def test_profiles(profile, size, image_size):
     cfg = get_config(profile)
@@ -19,7 +23,9 @@ def test_profiles(profile, size, image_size):
 
 
 def test_overrides_and_roundtrip():
-    cfg = get_config("cpu", overrides=["train.lr=3e-4", "data.heterogeneity=0.5"], seed=3)
+    cfg = get_config(
+        "cpu", overrides=["train.lr=3e-4", "data.heterogeneity=0.5"], seed=3
+    )
     assert cfg.train.lr == 3e-4 and cfg.data.heterogeneity == 0.5 and cfg.seed == 3
     again = ExperimentConfig.from_dict(cfg.to_dict())
     assert again == cfg

@@ -32,7 +32,9 @@ def _environment_requirements() -> set[str]:
 
 def test_environment_yml_matches_pyproject():
     py, env = _pyproject_requirements(), _environment_requirements()
-    assert py == env, f"only in pyproject: {py - env}; only in environment.yml: {env - py}"
+    assert py == env, (
+        f"only in pyproject: {py - env}; only in environment.yml: {env - py}"
+    )
 
 
 def test_known_good_pins():
@@ -66,5 +68,7 @@ def test_notebooks_are_stored_without_outputs():
             if cell.cell_type == "code":
                 assert not cell.outputs, f"{nb_path.name} has stored outputs"
                 assert cell.execution_count is None, f"{nb_path.name} has counts"
-        tagged = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+        tagged = [
+            c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])
+        ]
         assert len(tagged) == 1, f"{nb_path.name} needs exactly one `parameters` cell"

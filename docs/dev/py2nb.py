@@ -19,10 +19,13 @@ def convert(src: Path, dst: Path) -> None:
     text = src.read_text()
     chunks = re.split(r"^# %%(.*)$", text, flags=re.M)
     cells = []
-    for header, body in zip(chunks[1::2], chunks[2::2]):
+    for header, body in zip(chunks[1::2], chunks[2::2], strict=True):
         body = body.strip("\n")
         if "[markdown]" in header:
-            lines = [ln[2:] if ln.startswith("# ") else ln.lstrip("#") for ln in body.splitlines()]
+            lines = [
+                ln[2:] if ln.startswith("# ") else ln.lstrip("#")
+                for ln in body.splitlines()
+            ]
             cells.append(nbformat.v4.new_markdown_cell("\n".join(lines)))
         else:
             cell = nbformat.v4.new_code_cell(body)
@@ -30,7 +33,11 @@ def convert(src: Path, dst: Path) -> None:
                 cell.metadata["tags"] = ["parameters"]
             cells.append(cell)
     nb = nbformat.v4.new_notebook(cells=cells)
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
     nb.metadata["language_info"] = {"name": "python"}
     nbformat.write(nb, dst)
 

@@ -289,8 +289,9 @@ def sample_phenotype(
         centre = float(rng.choice([-90.0, 180.0, 90.0]) + rng.normal(0, 20))
         width = float(rng.uniform(60, 140))
         start = float(rng.uniform(0.0, 0.45))
-        infarct = (centre, width, start, min(1.0, start + rng.uniform(0.45, 0.8)), 0.0)
-        infarct = infarct[:4] + (float(rng.uniform(0.45, 0.7)),)
+        stop = min(1.0, start + float(rng.uniform(0.45, 0.8)))
+        thinning = float(rng.uniform(0.45, 0.7))  # infarct wall / remote wall
+        infarct = (centre, width, start, stop, thinning)
     return Phenotype(
         phenotype=phenotype,
         sex=sex,

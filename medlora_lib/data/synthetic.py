@@ -743,7 +743,9 @@ def make_synthetic(
             other subjects) in the official M&Ms-1 layout.
         overwrite: replace an existing (different) data set / non-empty raw folder.
         workers: processes generating the preprocessed layout in parallel (the data
-            are identical for any number of workers).
+            are identical for any number of workers). Worker processes are spawned
+            (each imports torch, a few seconds): worth it for the cpu profile, not for
+            smoke; in a script, call under ``if __name__ == "__main__":``.
 
     Returns:
         ``out_dir`` as a Path.
