@@ -32,7 +32,7 @@ book: install
 	$(PY) -m medlora_lib.bookrun --profile cpu --out _build
 
 test: install lint
-	$(PY) -m pytest
+	MEDLORA_MIN_TESTS=500 $(PY) -m pytest
 
 lint: install
 	$(VENV)/bin/ruff check .

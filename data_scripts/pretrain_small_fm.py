@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         opt.step()
-        loss = float(out.loss)
+        loss = float(out.loss.detach())
         running = loss if running is None else 0.95 * running + 0.05 * loss
         if step % 10 == 0 or step == args.steps - 1:
             curve.append((step, loss))

@@ -79,7 +79,9 @@ def resolve_data_dir(cfg: ExperimentConfig, verbose: bool = True) -> Path:
     from medlora_lib.data.synthetic import make_synthetic
 
     scfg = synthetic_config(cfg)
-    key = json.dumps(_jsonable(scfg), sort_keys=True)
+    # The cache key covers the generator's parameters *and* its code, so that a changed
+    # generator never serves stale data.
+    key = json.dumps(_jsonable(scfg), sort_keys=True) + _generator_fingerprint()
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     path = default_cache_dir() / "data" / f"synth-{cfg.profile}-{digest}"
     if not (path / "manifest.csv").exists():
@@ -90,6 +92,20 @@ def resolve_data_dir(cfg: ExperimentConfig, verbose: bool = True) -> Path:
                 f"generated synthetic data in {path} ({time.perf_counter() - t0:.1f} s)"
             )
     return path
+
+
+def _generator_fingerprint() -> str:
+    root = Path(__file__).resolve().parent / "data"
+    h = hashlib.sha256()
+    for name in (
+        "synthetic.py",
+        "phantom.py",
+        "vendors.py",
+        "preprocess.py",
+        "manifest.py",
+    ):
+        h.update((root / name).read_bytes())
+    return h.hexdigest()
 
 
 def _jsonable(obj: Any) -> Any:
@@ -112,21 +128,49 @@ class ClientData:
         return int(self.splits[split][1].shape[0]) if split in self.splits else 0
 
 
+ACDC_CLIENT = "ACDC"
+
+
+def client_of(manifest: pd.DataFrame, clients: str = "vendor") -> pd.Series:
+    """The federated client of every manifest row.
+
+    ``vendor``: one client per vendor (the paper's setting). ``vendor+acdc``: ACDC (or
+    the synthetic subjects that mimic it) as a fifth client, the rest by vendor.
+    """
+    if clients == "vendor":
+        return manifest["vendor"].astype(str)
+    if clients == "vendor+acdc":
+        is_acdc = manifest["dataset"].astype(str).isin(["acdc", "synthetic-acdc"])
+        return manifest["vendor"].astype(str).where(~is_acdc, ACDC_CLIENT)
+    raise DataError(f"unknown client definition {clients!r}; use vendor or vendor+acdc")
+
+
 def load_client_data(
-    data_dir: str | Path, client_column: str = "vendor"
+    data_dir: str | Path, clients: str = "vendor"
 ) -> tuple[dict[str, ClientData], pd.DataFrame]:
     """Every client's train / val / test arrays, held in memory as float32 tensors.
 
+    Args:
+        data_dir: a prepared folder (``manifest.csv`` + arrays).
+        clients: ``vendor`` (default) or ``vendor+acdc`` (see :func:`client_of`).
+
     Returns:
-        ``(clients, manifest)`` with clients in the canonical vendor order.
+        ``(clients, manifest)`` with clients in the canonical vendor order (ACDC last)
+        and a ``client`` column added to the manifest.
+
+    Raises:
+        DataError: the folder does not match its manifest, or a client has no
+            training data.
     """
     from medlora_lib.data.manifest import VENDORS, read_manifest
 
     data_dir = Path(data_dir)
     manifest = read_manifest(data_dir)
+    manifest["client"] = client_of(manifest, clients)
+    client_column = "client"
     names = [v for v in VENDORS if v in set(manifest[client_column])]
     names += sorted(set(manifest[client_column]) - set(names))
-    clients: dict[str, ClientData] = {}
+    out: dict[str, ClientData] = {}
     for name in names:
         cd = ClientData(name)
         for split in ("train", "val", "test"):
@@ -143,8 +187,13 @@ def load_client_data(
                 torch.as_tensor(rows["label"].to_numpy().copy(), dtype=torch.long),
             )
             cd.subjects[split] = rows["subject_id"].tolist()
-        clients[name] = cd
-    return clients, manifest
+        if not cd.num_examples("train"):
+            raise DataError(
+                f"client {name!r} has no training subjects in {data_dir / 'manifest.csv'}; "
+                "re-split the data (medlora prepare ... --overwrite) or drop the client"
+            )
+        out[name] = cd
+    return out, manifest
 
 
 def build_model(cfg: ExperimentConfig, verbose: bool = False):

@@ -23,7 +23,12 @@ from medlora_lib.data.manifest import MANIFEST_COLUMNS, read_manifest
 def raw_and_reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     for layout in ("acdc", "mnms", "preprocessed"):
-        assert main(["synth", str(root / layout), "--layout", layout, "--profile", "smoke"]) == 0
+        assert (
+            main(
+                ["synth", str(root / layout), "--layout", layout, "--profile", "smoke"]
+            )
+            == 0
+        )
     return root
 
 
@@ -33,7 +38,9 @@ def prepared(raw_and_reference):
     out = root / "prepared"
     args = ["--profile", "smoke"]
     assert main(["prepare", "acdc", str(root / "acdc"), str(out), *args]) == 0
-    assert main(["prepare", "mnms", str(root / "mnms"), str(out), *args, "--merge"]) == 0
+    assert (
+        main(["prepare", "mnms", str(root / "mnms"), str(out), *args, "--merge"]) == 0
+    )
     return out
 
 
@@ -52,8 +59,12 @@ def test_raw_roundtrip_matches_generator(raw_and_reference, prepared):
     ref = pd.read_csv(ref_dir / "manifest.csv")
     got = read_manifest(prepared)
     # Same subjects (same order within each vendor and dataset part), same classes.
-    ref_parts = ref.sort_values("subject_id").groupby("vendor")["pathology"].apply(sorted)
-    got_parts = got.sort_values("subject_id").groupby("vendor")["pathology"].apply(sorted)
+    ref_parts = (
+        ref.sort_values("subject_id").groupby("vendor")["pathology"].apply(sorted)
+    )
+    got_parts = (
+        got.sort_values("subject_id").groupby("vendor")["pathology"].apply(sorted)
+    )
     assert ref_parts.to_dict() == got_parts.to_dict()
     assert len(ref) == len(got)
     # Each prepared case equals one reference case of the same vendor and pathology.
@@ -82,7 +93,9 @@ def test_raw_roundtrip_matches_generator(raw_and_reference, prepared):
 
 
 def test_cli_errors_are_one_line_messages(tmp_path, capsys):
-    assert main(["prepare", "acdc", str(tmp_path / "missing"), str(tmp_path / "o")]) == 2
+    assert (
+        main(["prepare", "acdc", str(tmp_path / "missing"), str(tmp_path / "o")]) == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("error:") and "missing" in err
     assert main(["config", "--profile", "cpu", "--set", "train.lr=-1"]) == 2

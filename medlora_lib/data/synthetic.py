@@ -698,7 +698,9 @@ def _prepared_record(spec: SubjectSpec, config: SynthConfig):
     image, seg = _preprocess(case, config)
     return PreparedRecord(
         subject_id=case.subject_id,
-        dataset="synthetic",
+        # "synthetic-acdc" / "synthetic-mnms": which real data set the subject mimics,
+        # so that "ACDC as its own client" works on synthetic data too.
+        dataset=f"synthetic-{spec.part}",
         vendor=case.vendor,
         centre=case.centre,
         pathology=case.pathology,
