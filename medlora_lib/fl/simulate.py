@@ -1,0 +1,577 @@
+"""Run experiments: ``simulate(config) -> RunResult`` (the one entry for every method).
+
+Chapters ``notebooks/02_single_site_baseline``, ``03_fedavg_lora`` and ``04_med_dual_lora``.
+
+* Federated methods (``fedavg_lora``, ``ffa_lora``, ``fedsa_lora``, ``fedprox_lora``,
+  ``med_dual_lora``) run in Flower's Simulation Runtime (``flwr.simulation.run_simulation``,
+  Ray backend): the ``ClientApp`` of :mod:`medlora_lib.fl.client_app` on one virtual
+  SuperNode per vendor and the ``ServerApp`` of :mod:`medlora_lib.fl.server_app`. Several
+  configs passed together run inside **one** simulation (Ray starts once).
+* ``local`` (each vendor alone) and ``centralized`` (pooled data; a reference) run
+  in-process — no server, nothing to send — through the same :class:`ClientRuntime`, the
+  same rounds × local epochs, the same evaluation and selection.
+
+Every method is evaluated the same way: after every round each client evaluates *its own
+deployed model* (what it would use: received global + its private part) on its val and test
+splits. The selected round of a client is the best ``train.selection_metric`` on its **val**
+split (ties: the earlier round; NaN never wins); only then are its test metrics at that round
+read. Test metrics per round are kept for learning curves only.
+
+Results are cached under ``default_cache_dir()/runs/`` by config (``use_cache=True``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from medlora_lib.config import ExperimentConfig, config_hash, default_cache_dir
+from medlora_lib.errors import ConfigError
+from medlora_lib.fl.task import (
+    FEDERATED_METHODS,
+    INPROCESS_METHODS,
+    ClientRuntime,
+    ExperimentSpec,
+    build_adapted_model,
+    client_names,
+    validate_config,
+)
+
+__all__ = [
+    "RunResult",
+    "simulate",
+    "run_inprocess",
+    "prepare_specs",
+    "build_result",
+    "cache_path",
+    "DEFAULT_BACKEND_CONFIG",
+]
+
+CACHE_VERSION = 1
+DEFAULT_BACKEND_CONFIG: dict[str, Any] = {
+    "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+    "init_args": {"num_cpus": 2},
+}
+_SCORE_KEYS = ("balanced_accuracy", "sensitivity", "specificity", "auc", "f1", "mcc", "accuracy")
+
+
+# ------------------------------------------------------------------------------ result
+@dataclass
+class RunResult:
+    """One experiment's results.
+
+    Attributes:
+        config: the experiment's config.
+        provenance: commit, versions, device, time (``results.provenance``).
+        rounds: one row per round × client (train loss, bytes, val / test metrics, and
+            ``global_only_*`` columns for methods with a local adapter).
+        final: per client (+ ``mean`` and ``pooled``) test metrics at the selected round
+            (``at="selected"``) and at the last round (``at="final"``), for the deployed
+            model (``variant="deployed"``) and, for Med-DualLoRA, the global-only model.
+        comm: bytes per round measured from the messages next to the closed form.
+        seconds: wall time of the experiment.
+        failures: clients that raised (round, phase, partition, reason).
+        messages: summaries of every message (only with ``record_messages=True``).
+    """
+
+    config: ExperimentConfig
+    provenance: dict[str, Any]
+    rounds: pd.DataFrame
+    final: pd.DataFrame
+    comm: dict[str, Any]
+    seconds: float
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    exp_id: str = ""
+
+    @property
+    def method(self) -> str:
+        return self.config.method
+
+    def selected(self, variant: str = "deployed") -> pd.DataFrame:
+        """Test metrics per client at the validation-selected round."""
+        f = self.final
+        return f[(f.variant == variant) & (f.at == "selected")].reset_index(drop=True)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {
+            "exp_id": self.exp_id,
+            "method": self.method,
+            "config": self.config.to_dict(),
+            "provenance": self.provenance,
+            "final": json.loads(self.final.to_json(orient="records")),
+            "comm": self.comm,
+            "seconds": self.seconds,
+            "failures": self.failures,
+        }
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write ``results.json`` and ``rounds.csv`` into ``out_dir``; return it."""
+        from medlora_lib.results import write_json, write_table
+
+        out = Path(out_dir)
+        write_json(out / "results.json", self.to_json_dict())
+        write_table(out / "rounds.csv", self.rounds)
+        return out
+
+    @classmethod
+    def load(cls, out_dir: str | Path) -> RunResult:
+        """Read a result written by :meth:`save`."""
+        from medlora_lib.results import read_json
+
+        out = Path(out_dir)
+        d = read_json(out / "results.json")
+        return cls(
+            config=ExperimentConfig.from_dict(d["config"]),
+            provenance=d["provenance"],
+            rounds=pd.read_csv(out / "rounds.csv"),
+            final=pd.DataFrame(d["final"]),
+            comm=d["comm"],
+            seconds=float(d["seconds"]),
+            failures=d.get("failures", []),
+            exp_id=d.get("exp_id", ""),
+        )
+
+
+# ------------------------------------------------------------------------------ assembly
+def _pooled(rows: pd.DataFrame, prefix: str) -> dict[str, float]:
+    tp, tn, fp, fn = (float(rows[f"{prefix}test_{k}"].sum()) for k in ("tp", "tn", "fp", "fn"))
+    pos, neg = tp + fn, tn + fp
+    nan = float("nan")
+    sens = tp / pos if pos else nan
+    spec = tn / neg if neg else nan
+    denom = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return {
+        "balanced_accuracy": (sens + spec) / 2 if pos and neg else nan,
+        "sensitivity": sens,
+        "specificity": spec,
+        "auc": nan,  # needs per-subject scores, which do not leave the sites
+        "f1": 2 * tp / (2 * tp + fp + fn) if pos else nan,
+        "mcc": (tp * tn - fp * fn) / denom if denom else (0.0 if pos and neg else nan),
+        "accuracy": (tp + tn) / (pos + neg) if pos + neg else nan,
+        "n": pos + neg,
+        "n_pos": pos,
+        "n_neg": neg,
+    }
+
+
+def _notes(n_pos: float, n_neg: float) -> str:
+    if n_pos and not n_neg:
+        return "no healthy subjects: balanced accuracy, AUC and MCC need both classes"
+    if n_neg and not n_pos:
+        return "no diseased subjects: balanced accuracy, AUC and MCC need both classes"
+    return ""
+
+
+def select_rounds(rounds: pd.DataFrame, metric: str, prefix: str = "") -> dict[str, int]:
+    """Per client, the round with the best validation ``metric`` (val only; ties: earlier)."""
+    out = {}
+    col = f"{prefix}val_{metric}"
+    for client, g in rounds.groupby("client", sort=False):
+        g = g.sort_values("round")
+        if col in g and g[col].notna().any():
+            out[client] = int(g.loc[g[col].idxmax(), "round"])
+        else:
+            out[client] = int(g["round"].max())
+    return out
+
+
+def build_result(
+    cfg: ExperimentConfig,
+    rows: list[dict[str, Any]],
+    seconds: float,
+    failures: list[dict[str, Any]] | None = None,
+    messages: list[dict[str, Any]] | None = None,
+    exp_id: str = "",
+    runtime: str = "simulation",
+) -> RunResult:
+    """Assemble a :class:`RunResult` from per-round × per-client rows (any runtime)."""
+    from medlora_lib.comm import closed_form_bytes
+    from medlora_lib.results import provenance
+
+    rounds = pd.DataFrame(rows)
+    rounds.insert(0, "method", cfg.method)
+    rounds.insert(1, "seed", cfg.seed)
+    final_rows = []
+    variants = [("deployed", "")]
+    if "global_only_test_balanced_accuracy" in rounds:
+        variants.append(("global_only", "global_only_"))
+    last = int(rounds["round"].max()) if len(rounds) else 0
+    for variant, prefix in variants:
+        chosen = select_rounds(rounds, cfg.train.selection_metric, prefix)
+        for at in ("selected", "final"):
+            picked = []
+            for client, g in rounds.groupby("client", sort=False):
+                rnd = chosen[client] if at == "selected" else last
+                r = g[g["round"] == rnd]
+                if r.empty or f"{prefix}test_n" not in r or r[f"{prefix}test_n"].isna().all():
+                    continue
+                r = r.iloc[0]
+                picked.append(r)
+                row = {
+                    "method": cfg.method,
+                    "seed": cfg.seed,
+                    "client": client,
+                    "variant": variant,
+                    "at": at,
+                    "round": rnd,
+                    f"val_{cfg.train.selection_metric}": r.get(
+                        f"{prefix}val_{cfg.train.selection_metric}", float("nan")
+                    ),
+                }
+                for k in (*_SCORE_KEYS, "n", "n_pos", "n_neg"):
+                    row[k] = float(r[f"{prefix}test_{k}"])
+                row["notes"] = _notes(row["n_pos"], row["n_neg"])
+                final_rows.append(row)
+            if picked:
+                df = pd.DataFrame(picked)
+                mean = {
+                    k: float(np.nanmean(df[f"{prefix}test_{k}"].astype(float)))
+                    if df[f"{prefix}test_{k}"].notna().any()
+                    else float("nan")
+                    for k in _SCORE_KEYS
+                }
+                base = {"method": cfg.method, "seed": cfg.seed, "variant": variant, "at": at}
+                final_rows.append(
+                    {**base, "client": "mean", "round": -1, **mean, "notes": "mean over clients"}
+                )
+                pooled = _pooled(df, prefix)
+                final_rows.append(
+                    {
+                        **base,
+                        "client": "pooled",
+                        "round": -1,
+                        **pooled,
+                        "notes": "from pooled confusion counts; AUC needs per-subject scores",
+                    }
+                )
+    final = pd.DataFrame(final_rows)
+    cf = closed_form_bytes(cfg)
+    comm: dict[str, Any] = {"closed_form": cf}
+    if "bytes_up" in rounds:
+        up = rounds["bytes_up"].dropna().astype(int)
+        down = rounds["bytes_down"].dropna().astype(int)
+        comm.update(
+            {
+                "bytes_up_per_client_round": sorted(set(up.tolist())),
+                "bytes_down_per_client_round": sorted(set(down.tolist())),
+                "total_bytes_up": int(up.sum()),
+                "total_bytes_down": int(down.sum())
+                + int(rounds.get("bytes_down_eval", pd.Series(dtype=float)).fillna(0).sum()),
+                "wire_bytes_up_per_client_round": sorted(
+                    set(rounds["wire_bytes_up"].dropna().astype(int).tolist())
+                )
+                if "wire_bytes_up" in rounds
+                else [],
+                "matches_closed_form": bool(
+                    set(up.tolist()) <= {cf["shared_bytes"]}
+                    and set(down.tolist()) <= {cf["shared_bytes"]}
+                ),
+            }
+        )
+    else:
+        comm.update(
+            {
+                "bytes_up_per_client_round": [0],
+                "bytes_down_per_client_round": [0],
+                "total_bytes_up": 0,
+                "total_bytes_down": 0,
+                "matches_closed_form": cf["shared_bytes"] == 0 or cfg.method == "centralized",
+            }
+        )
+    prov = provenance({"seed": cfg.seed, "runtime": runtime, "exp_id": exp_id})
+    return RunResult(
+        config=cfg,
+        provenance=prov,
+        rounds=rounds,
+        final=final,
+        comm=comm,
+        seconds=float(seconds),
+        failures=list(failures or []),
+        messages=list(messages or []),
+        exp_id=exp_id,
+    )
+
+
+# ------------------------------------------------------------------------------ specs
+def _weights_fingerprint(cfg: ExperimentConfig) -> str:
+    p = cfg.model.pretrained
+    if p == "none":
+        return "none"
+    path = None
+    if p == "small":
+        path = Path(__file__).resolve().parent.parent / "assets" / "small_fm.safetensors"
+    elif p != "hub":
+        path = Path(p).expanduser()
+    if path is not None and path.exists():
+        st = path.stat()
+        return f"{p}:{st.st_size}:{int(st.st_mtime)}"
+    return p
+
+
+def cache_path(cfg: ExperimentConfig, data_dir: str | Path) -> Path:
+    """Where ``simulate(..., use_cache=True)`` keeps the result of ``cfg``."""
+    key = {
+        "config": cfg.to_dict(),
+        "data_dir": str(data_dir),
+        "weights": _weights_fingerprint(cfg),
+        "version": CACHE_VERSION,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return default_cache_dir() / "runs" / f"{cfg.method}-{config_hash(cfg, 6)}-{digest}"
+
+
+def _check_data_shape(cfg: ExperimentConfig, data_dir: Path) -> None:
+    from medlora_lib.data.manifest import read_manifest
+    from medlora_lib.errors import DataError
+
+    manifest = read_manifest(data_dir)
+    first = data_dir / manifest["path"].iloc[0]
+    try:
+        shape = tuple(np.load(first)["image"].shape)
+    except Exception as exc:  # corrupt or unreadable array
+        raise DataError(f"{first}: cannot read the `image` array ({exc})") from exc
+    want = (2, *cfg.data.image_size)
+    if shape != want:
+        raise DataError(
+            f"{data_dir}: images have shape {shape} but the config expects {want} "
+            f"(profile {cfg.profile!r}, data.image_size={list(cfg.data.image_size)}); "
+            "prepare the data with the same profile or set data.image_size to match"
+        )
+
+
+def prepare_specs(
+    configs: list[ExperimentConfig],
+    inject_failure: dict[str, Any] | None = None,
+) -> list[ExperimentSpec]:
+    """Validate every config (ConfigError / DataError before anything starts) → specs."""
+    from medlora_lib.pipeline import resolve_data_dir
+
+    specs = []
+    for i, cfg in enumerate(configs):
+        if not isinstance(cfg, ExperimentConfig):
+            raise ConfigError(
+                f"simulate: expected an ExperimentConfig (get_config(...)), got {type(cfg).__name__}"
+            )
+        validate_config(cfg)
+        data_dir = resolve_data_dir(cfg, verbose=False)
+        names = client_names(data_dir)
+        if len(names) < 1:
+            raise ConfigError(f"{data_dir}: the manifest lists no client")
+        _check_data_shape(cfg, Path(data_dir))
+        exp_id = f"{i}-{cfg.method}-s{cfg.seed}-{config_hash(cfg, 6)}"
+        fail = None
+        if inject_failure and inject_failure.get("experiment", i) == i:
+            fail = {k: v for k, v in inject_failure.items() if k != "experiment"}
+        specs.append(
+            ExperimentSpec(
+                exp_id=exp_id,
+                config=cfg.to_dict(),
+                data_dir=str(Path(data_dir).resolve()),
+                clients=names,
+                fail=fail,
+            )
+        )
+    return specs
+
+
+# ------------------------------------------------------------------------------ in-process
+def run_inprocess(
+    spec: ExperimentSpec, verbose: bool = True
+) -> tuple[list[dict[str, Any]], float]:
+    """The plain in-process loop (no Flower) for any method; returns rows and seconds.
+
+    ``local`` and ``centralized`` always run here. For a federated method it runs the same
+    training and sample-weighted aggregation as the Flower apps — the benchmark's reference
+    for Flower's share of a run, and a cross-check (same seed, same numbers).
+    """
+    from medlora_lib.adapters import aggregate_shared, get_shared_state
+
+    t0 = time.perf_counter()
+    cfg = spec.cfg
+    if spec.method == "centralized":
+        runtimes = [ClientRuntime.build(spec, 0, train_names=list(spec.clients))]
+    else:
+        runtimes = [ClientRuntime.build(spec, p) for p in range(len(spec.clients))]
+    shared = get_shared_state(build_adapted_model(cfg))
+    private: list[dict[str, torch.Tensor] | None] = [None] * len(runtimes)
+    federated = spec.method in FEDERATED_METHODS
+    mu = cfg.fed.proximal_mu if spec.method == "fedprox_lora" else 0.0
+    nbytes = sum(t.numel() * t.element_size() for t in shared.values())
+    rows = []
+    for rnd in range(1, cfg.fed.num_rounds + 1):
+        outs = []
+        for i, rt in enumerate(runtimes):
+            out = rt.train_round(shared, private[i], rnd, proximal_mu=mu)
+            private[i] = out.private
+            outs.append(out)
+        if federated:
+            shared = aggregate_shared([o.shared for o in outs], [o.num_examples for o in outs])
+        elif spec.method == "centralized":
+            shared = outs[0].shared
+        elapsed = time.perf_counter() - t0
+        for i, rt in enumerate(runtimes):
+            for name, m in rt.evaluate_round(shared, private[i]).items():
+                part = spec.clients.index(name)
+                row = {
+                    "round": rnd,
+                    "partition": part,
+                    "client": name,
+                    "train_loss": outs[i].train_loss,
+                    "num_examples": outs[i].num_examples,
+                    "train_seconds": outs[i].seconds,
+                }
+                if federated:
+                    row.update({"bytes_down": nbytes, "bytes_up": nbytes, "bytes_down_eval": nbytes})
+                row.update(m)
+                row["elapsed_s"] = elapsed
+                rows.append(row)
+                if verbose:
+                    print(
+                        f"[{spec.exp_id}] round {rnd}/{cfg.fed.num_rounds} {name:>8s}  "
+                        f"loss {row['train_loss']:.4f}  val BA "
+                        f"{row.get('val_balanced_accuracy', float('nan')):.3f}  ({elapsed:.1f} s)",
+                        flush=True,
+                    )
+    rows.sort(key=lambda r: (r["round"], r["partition"]))
+    return rows, time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------------------ flower
+def _run_flower(
+    specs: list[ExperimentSpec],
+    record_messages: bool,
+    verbose: bool,
+    backend_config: dict[str, Any] | None,
+) -> dict[str, dict[str, Any]]:
+    from flwr.simulation import run_simulation
+
+    from medlora_lib.fl.client_app import app as client_app
+    from flwr.serverapp import ServerApp
+
+    from medlora_lib.fl.server_app import run_experiments
+
+    outputs: dict[str, dict[str, Any]] = {}
+    errors: list[BaseException] = []
+
+    def sink(spec: ExperimentSpec, out: dict[str, Any]) -> None:
+        outputs[spec.exp_id] = out
+
+    server = ServerApp()
+
+    @server.main()
+    def _main(grid, context):  # noqa: ANN001
+        try:
+            run_experiments(grid, specs, record_messages, verbose, sink)
+        except BaseException as exc:  # surfaced after the simulation returns
+            errors.append(exc)
+            raise
+
+    num = max(len(s.clients) for s in specs)
+    flwr_logger = logging.getLogger("flwr")
+    level = flwr_logger.level
+    if not verbose:
+        flwr_logger.setLevel(logging.WARNING)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    try:
+        run_simulation(
+            server_app=server,
+            client_app=client_app,
+            num_supernodes=num,
+            backend_config=backend_config or DEFAULT_BACKEND_CONFIG,
+        )
+    finally:
+        flwr_logger.setLevel(level)
+    if errors:
+        raise errors[0]
+    missing = [s.exp_id for s in specs if s.exp_id not in outputs]
+    if missing:
+        raise RuntimeError(
+            f"the Flower simulation ended without results for {missing}; see the log above"
+        )
+    return outputs
+
+
+def simulate(
+    config: ExperimentConfig | list[ExperimentConfig],
+    *,
+    use_cache: bool = False,
+    verbose: bool = True,
+    record_messages: bool = False,
+    inject_failure: dict[str, Any] | None = None,
+    backend_config: dict[str, Any] | None = None,
+    runtime: str = "flower",
+) -> RunResult | list[RunResult]:
+    """Run one experiment, or several (methods × seeds) in one Flower simulation.
+
+    Chapters ``notebooks/03_fedavg_lora`` and ``04_med_dual_lora``.
+
+    Args:
+        config: an :class:`ExperimentConfig` or a list of them.
+        use_cache: reuse / store results under ``default_cache_dir()/runs`` by config.
+        verbose: print progress (round, client, loss, val BA, elapsed).
+        record_messages: keep a summary of every message (``RunResult.messages``).
+        inject_failure: tests only: ``{"partition": p, "round": r, "phase": "train"}``
+            makes that client raise (the run records it and goes on); with
+            ``"experiment": i`` only the i-th config of the list is affected.
+        backend_config: Flower's Ray backend config (default: 1 CPU per client, 2 CPUs).
+        runtime: ``"flower"`` (default) or ``"inprocess"`` (the plain loop, no Flower;
+            benchmarks and cross-checks).
+
+    Returns:
+        A :class:`RunResult`, or a list of them (same order) when given a list.
+
+    Raises:
+        ConfigError: unknown method or profile, no adapted block, rank <= 0, ...
+        DataError: the data folder does not match its manifest or the config.
+    """
+    single = isinstance(config, ExperimentConfig)
+    configs = [config] if single else list(config)
+    if runtime not in ("flower", "inprocess"):
+        raise ConfigError(f"simulate: runtime={runtime!r}; use 'flower' or 'inprocess'")
+    specs = prepare_specs(configs, inject_failure)
+    cacheable = use_cache and inject_failure is None and not record_messages
+    results: dict[str, RunResult] = {}
+    todo = []
+    for cfg, spec in zip(configs, specs, strict=True):
+        path = cache_path(cfg, spec.data_dir)
+        if cacheable and (path / "results.json").exists():
+            if verbose:
+                print(f"[{spec.exp_id}] cached: {path}")
+            results[spec.exp_id] = RunResult.load(path)
+        else:
+            todo.append((cfg, spec))
+    flower = [(c, s) for c, s in todo if c.method in FEDERATED_METHODS and runtime == "flower"]
+    local = [(c, s) for c, s in todo if (c, s) not in flower]
+    for cfg, spec in local:
+        rows, secs = run_inprocess(spec, verbose)
+        results[spec.exp_id] = build_result(cfg, rows, secs, exp_id=spec.exp_id, runtime="inprocess")
+    if flower:
+        outs = _run_flower([s for _, s in flower], record_messages, verbose, backend_config)
+        for cfg, spec in flower:
+            o = outs[spec.exp_id]
+            results[spec.exp_id] = build_result(
+                cfg,
+                o["rows"],
+                o["seconds"],
+                o["failures"],
+                o["messages"],
+                exp_id=spec.exp_id,
+                runtime="flower-simulation",
+            )
+    for cfg, spec in todo:
+        if cacheable:
+            results[spec.exp_id].save(cache_path(cfg, spec.data_dir))
+    ordered = [results[s.exp_id] for s in specs]
+    return ordered[0] if single else ordered
