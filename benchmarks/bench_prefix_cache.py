@@ -48,7 +48,8 @@ class _Path:
     def __init__(self, forward, params, inputs, device: torch.device) -> None:
         self.forward, self.inputs, self.device = forward, inputs, device
         self.params = params
-        self.opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
+        # the same optimiser settings as medlora_lib.train.make_optimizer (foreach)
+        self.opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05, foreach=True)
         self.times: list[float] = []
 
     def step(self, idx: torch.Tensor, labels: torch.Tensor, timed: bool = True) -> None:

@@ -253,7 +253,7 @@ _PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
             "min_per_vendor": 12,
         },
         "model": {"size": "small", "pretrained": "small"},
-        "train": {"local_epochs": 1, "batch_size": 8},
+        "train": {"local_epochs": 1, "batch_size": 8, "num_threads": 1},
         "fed": {"num_rounds": 2},
     },
     "cpu": {
@@ -264,7 +264,9 @@ _PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
             "min_per_vendor": 12,
         },
         "model": {"size": "small", "pretrained": "small"},
-        "train": {"local_epochs": 1, "batch_size": 16},
+        # One torch thread per process: the simulation runs one process per client on
+        # the 2 cores, and with these small tensors more threads only add contention.
+        "train": {"local_epochs": 1, "batch_size": 16, "num_threads": 1},
         "fed": {"num_rounds": 20},
     },
     "paper": {

@@ -31,6 +31,7 @@ from medlora_lib.errors import DataError
 __all__ = [
     "ClientData",
     "resolve_data_dir",
+    "check_data_matches",
     "synthetic_config",
     "load_client_data",
     "build_model",
@@ -75,6 +76,7 @@ def resolve_data_dir(cfg: ExperimentConfig, verbose: bool = True) -> Path:
                 f"`medlora prepare acdc|mnms RAW_DIR {path}` or unset MEDLORA_DATA_DIR "
                 f"to use the synthetic default"
             )
+        check_data_matches(cfg, path)
         return path
     from medlora_lib.data.synthetic import make_synthetic
 
@@ -92,6 +94,28 @@ def resolve_data_dir(cfg: ExperimentConfig, verbose: bool = True) -> Path:
                 f"generated synthetic data in {path} ({time.perf_counter() - t0:.1f} s)"
             )
     return path
+
+
+def check_data_matches(cfg: ExperimentConfig, data_dir: Path) -> None:
+    """Refuse prepared data whose image size differs from the model input of ``cfg``.
+
+    Raises:
+        ConfigError: ``dataset.json`` records another image size (the message names
+            both and the fix).
+    """
+    from medlora_lib.data.manifest import read_dataset_info
+    from medlora_lib.errors import ConfigError
+
+    info = read_dataset_info(data_dir) or {}
+    size = (info.get("preprocessing") or {}).get("image_size")
+    if size is not None and tuple(size) != tuple(cfg.data.image_size):
+        raise ConfigError(
+            f"{data_dir} was prepared at image size {tuple(size)} but config field "
+            f"`data.image_size` is {tuple(cfg.data.image_size)} (profile "
+            f"{cfg.profile!r}); use the profile the data were prepared with (e.g. "
+            f"`paper` for `medlora prepare ... --profile paper`) or override "
+            f"data.image_size={list(size)} and data.spacing"
+        )
 
 
 def _generator_fingerprint() -> str:
@@ -264,6 +288,8 @@ def finetune_pooled(
     from medlora_lib.train import fit, predict_proba, resolve_device, seed_everything
 
     seed = cfg.seed if seed is None else seed
+    if cfg.train.num_threads > 0:
+        torch.set_num_threads(cfg.train.num_threads)
     seed_everything(seed)
     t0 = time.perf_counter()
     model, _ = build_model(cfg)

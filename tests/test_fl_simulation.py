@@ -36,10 +36,7 @@ def _cfg(method: str, rounds: int = 1, seed: int = 0):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    import os
-
-    os.environ.setdefault("MEDLORA_CACHE", str(tmp_path_factory.mktemp("cache")))
+def runs():
     configs = [_cfg(m) for m in FEDERATED_METHODS if m != "med_dual_lora"]
     configs += [_cfg("med_dual_lora", 2), _cfg("med_dual_lora", 2)]  # determinism
     configs += [_cfg("fedavg_lora", 2, seed=1)]  # failure injected below
@@ -64,7 +61,14 @@ def test_every_federated_method_runs_and_reports(runs):
         assert n_clients == 4
         assert len(r.rounds) == r.config.fed.num_rounds * n_clients
         sel = r.selected()
-        assert set(sel.client) == {"Siemens", "Philips", "GE", "Canon", "mean", "pooled"}
+        assert set(sel.client) == {
+            "Siemens",
+            "Philips",
+            "GE",
+            "Canon",
+            "mean",
+            "pooled",
+        }
         assert sel["balanced_accuracy"].between(0, 1).all()
 
 
@@ -101,7 +105,9 @@ def test_med_dual_lora_never_sends_private_tensors(runs):
     # every message, both directions, train and evaluate
     for direction in ("down", "up"):
         for phase in ("train", "evaluate"):
-            n = sum(1 for m in msgs if m["direction"] == direction and m["phase"] == phase)
+            n = sum(
+                1 for m in msgs if m["direction"] == direction and m["phase"] == phase
+            )
             assert n == rounds * clients, (direction, phase)
     n_arrays = 0
     for m in msgs:
@@ -121,7 +127,9 @@ def test_med_dual_lora_never_sends_private_tensors(runs):
 def test_same_seed_same_metrics(runs):
     results, _ = runs
     a, b = [r for r in results.values() if r.method == "med_dual_lora"]
-    cols = [c for c in a.rounds.columns if c.startswith(("val_", "test_", "global_only_"))]
+    cols = [
+        c for c in a.rounds.columns if c.startswith(("val_", "test_", "global_only_"))
+    ]
     pd.testing.assert_frame_equal(a.rounds[cols], b.rounds[cols])
     assert np.array_equal(a.rounds["train_loss"], b.rounds["train_loss"])
     pd.testing.assert_frame_equal(a.final, b.final)

@@ -19,4 +19,10 @@ from __future__ import annotations
 from medlora_lib.fl.simulate import RunResult, run_inprocess, simulate
 from medlora_lib.fl.task import FEDERATED_METHODS, INPROCESS_METHODS
 
-__all__ = ["RunResult", "simulate", "run_inprocess", "FEDERATED_METHODS", "INPROCESS_METHODS"]
+__all__ = [
+    "RunResult",
+    "simulate",
+    "run_inprocess",
+    "FEDERATED_METHODS",
+    "INPROCESS_METHODS",
+]

@@ -47,9 +47,7 @@ def _setup(msg: Message, context: Context, phase: str):
     rt = get_runtime(spec, partition)
     shared = msg.content["arrays"].to_torch_state_dict()
     key = PRIVATE_PREFIX + spec.exp_id
-    private = (
-        context.state[key].to_torch_state_dict() if key in context.state else None
-    )
+    private = context.state[key].to_torch_state_dict() if key in context.state else None
     return spec, partition, rnd, rt, shared, private, key
 
 
@@ -61,7 +59,9 @@ def train(msg: Message, context: Context) -> Message:
     out = rt.train_round(shared, private, rnd, proximal_mu=mu)
     context.state[key] = ArrayRecord(out.private)
     if list(out.shared) != rt.shared_keys:  # never send anything but the shared part
-        raise RuntimeError("reply keys differ from the shared tensors; refusing to send")
+        raise RuntimeError(
+            "reply keys differ from the shared tensors; refusing to send"
+        )
     metrics = MetricRecord(
         {
             "num-examples": out.num_examples,
@@ -81,7 +81,5 @@ def evaluate(msg: Message, context: Context) -> Message:
     per_client = rt.evaluate_round(shared, private)
     metrics = per_client[spec.clients[partition]]
     n_val = int(metrics.get("val_n", 0))
-    record = MetricRecord(
-        {"num-examples": n_val, "partition-id": partition, **metrics}
-    )
+    record = MetricRecord({"num-examples": n_val, "partition-id": partition, **metrics})
     return Message(content=RecordDict({"metrics": record}), reply_to=msg)

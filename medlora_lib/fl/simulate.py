@@ -40,7 +40,6 @@ from medlora_lib.config import ExperimentConfig, config_hash, default_cache_dir
 from medlora_lib.errors import ConfigError
 from medlora_lib.fl.task import (
     FEDERATED_METHODS,
-    INPROCESS_METHODS,
     ClientRuntime,
     ExperimentSpec,
     build_adapted_model,
@@ -56,6 +55,8 @@ __all__ = [
     "build_result",
     "cache_path",
     "DEFAULT_BACKEND_CONFIG",
+    "default_backend_config",
+    "select_rounds",
 ]
 
 CACHE_VERSION = 1
@@ -63,7 +64,15 @@ DEFAULT_BACKEND_CONFIG: dict[str, Any] = {
     "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
     "init_args": {"num_cpus": 2},
 }
-_SCORE_KEYS = ("balanced_accuracy", "sensitivity", "specificity", "auc", "f1", "mcc", "accuracy")
+_SCORE_KEYS = (
+    "balanced_accuracy",
+    "sensitivity",
+    "specificity",
+    "auc",
+    "f1",
+    "mcc",
+    "accuracy",
+)
 
 
 # ------------------------------------------------------------------------------ result
@@ -102,7 +111,9 @@ class RunResult:
     def selected(self, variant: str = "deployed") -> pd.DataFrame:
         """Test metrics per client at the validation-selected round."""
         f = self.final
-        return f[(f.variant == variant) & (f.at == "selected")].reset_index(drop=True)
+        return f[(f["variant"] == variant) & (f["at"] == "selected")].reset_index(
+            drop=True
+        )
 
     def to_json_dict(self) -> dict[str, Any]:
         return {
@@ -146,7 +157,9 @@ class RunResult:
 
 # ------------------------------------------------------------------------------ assembly
 def _pooled(rows: pd.DataFrame, prefix: str) -> dict[str, float]:
-    tp, tn, fp, fn = (float(rows[f"{prefix}test_{k}"].sum()) for k in ("tp", "tn", "fp", "fn"))
+    tp, tn, fp, fn = (
+        float(rows[f"{prefix}test_{k}"].sum()) for k in ("tp", "tn", "fp", "fn")
+    )
     pos, neg = tp + fn, tn + fp
     nan = float("nan")
     sens = tp / pos if pos else nan
@@ -174,7 +187,9 @@ def _notes(n_pos: float, n_neg: float) -> str:
     return ""
 
 
-def select_rounds(rounds: pd.DataFrame, metric: str, prefix: str = "") -> dict[str, int]:
+def select_rounds(
+    rounds: pd.DataFrame, metric: str, prefix: str = ""
+) -> dict[str, int]:
     """Per client, the round with the best validation ``metric`` (val only; ties: earlier)."""
     out = {}
     col = f"{prefix}val_{metric}"
@@ -215,7 +230,11 @@ def build_result(
             for client, g in rounds.groupby("client", sort=False):
                 rnd = chosen[client] if at == "selected" else last
                 r = g[g["round"] == rnd]
-                if r.empty or f"{prefix}test_n" not in r or r[f"{prefix}test_n"].isna().all():
+                if (
+                    r.empty
+                    or f"{prefix}test_n" not in r
+                    or r[f"{prefix}test_n"].isna().all()
+                ):
                     continue
                 r = r.iloc[0]
                 picked.append(r)
@@ -242,9 +261,20 @@ def build_result(
                     else float("nan")
                     for k in _SCORE_KEYS
                 }
-                base = {"method": cfg.method, "seed": cfg.seed, "variant": variant, "at": at}
+                base = {
+                    "method": cfg.method,
+                    "seed": cfg.seed,
+                    "variant": variant,
+                    "at": at,
+                }
                 final_rows.append(
-                    {**base, "client": "mean", "round": -1, **mean, "notes": "mean over clients"}
+                    {
+                        **base,
+                        "client": "mean",
+                        "round": -1,
+                        **mean,
+                        "notes": "mean over clients",
+                    }
                 )
                 pooled = _pooled(df, prefix)
                 final_rows.append(
@@ -268,7 +298,11 @@ def build_result(
                 "bytes_down_per_client_round": sorted(set(down.tolist())),
                 "total_bytes_up": int(up.sum()),
                 "total_bytes_down": int(down.sum())
-                + int(rounds.get("bytes_down_eval", pd.Series(dtype=float)).fillna(0).sum()),
+                + int(
+                    rounds.get("bytes_down_eval", pd.Series(dtype=float))
+                    .fillna(0)
+                    .sum()
+                ),
                 "wire_bytes_up_per_client_round": sorted(
                     set(rounds["wire_bytes_up"].dropna().astype(int).tolist())
                 )
@@ -287,7 +321,8 @@ def build_result(
                 "bytes_down_per_client_round": [0],
                 "total_bytes_up": 0,
                 "total_bytes_down": 0,
-                "matches_closed_form": cf["shared_bytes"] == 0 or cfg.method == "centralized",
+                "matches_closed_form": cf["shared_bytes"] == 0
+                or cfg.method == "centralized",
             }
         )
     prov = provenance({"seed": cfg.seed, "runtime": runtime, "exp_id": exp_id})
@@ -311,7 +346,9 @@ def _weights_fingerprint(cfg: ExperimentConfig) -> str:
         return "none"
     path = None
     if p == "small":
-        path = Path(__file__).resolve().parent.parent / "assets" / "small_fm.safetensors"
+        path = (
+            Path(__file__).resolve().parent.parent / "assets" / "small_fm.safetensors"
+        )
     elif p != "hub":
         path = Path(p).expanduser()
     if path is not None and path.exists():
@@ -366,7 +403,7 @@ def prepare_specs(
             )
         validate_config(cfg)
         data_dir = resolve_data_dir(cfg, verbose=False)
-        names = client_names(data_dir)
+        names = client_names(data_dir, cfg.fed.clients)
         if len(names) < 1:
             raise ConfigError(f"{data_dir}: the manifest lists no client")
         _check_data_shape(cfg, Path(data_dir))
@@ -417,7 +454,9 @@ def run_inprocess(
             private[i] = out.private
             outs.append(out)
         if federated:
-            shared = aggregate_shared([o.shared for o in outs], [o.num_examples for o in outs])
+            shared = aggregate_shared(
+                [o.shared for o in outs], [o.num_examples for o in outs]
+            )
         elif spec.method == "centralized":
             shared = outs[0].shared
         elapsed = time.perf_counter() - t0
@@ -433,7 +472,13 @@ def run_inprocess(
                     "train_seconds": outs[i].seconds,
                 }
                 if federated:
-                    row.update({"bytes_down": nbytes, "bytes_up": nbytes, "bytes_down_eval": nbytes})
+                    row.update(
+                        {
+                            "bytes_down": nbytes,
+                            "bytes_up": nbytes,
+                            "bytes_down_eval": nbytes,
+                        }
+                    )
                 row.update(m)
                 row["elapsed_s"] = elapsed
                 rows.append(row)
@@ -449,17 +494,35 @@ def run_inprocess(
 
 
 # ------------------------------------------------------------------------------ flower
+def default_backend_config(specs: list[ExperimentSpec]) -> dict[str, Any]:
+    """Ray resources: one CPU per client, as many clients at once as CPUs (≤ clients).
+
+    With CUDA available (and ``train.device`` not ``cpu``) each client also gets a share
+    of the GPU (two clients per GPU); without it the clients run on the CPU.
+    """
+    k = max(len(s.clients) for s in specs)
+    cpus = max(1, min(os.cpu_count() or 1, k))
+    gpus = 0.0
+    if torch.cuda.is_available() and all(
+        s.config["train"].get("device", "auto") != "cpu" for s in specs
+    ):
+        gpus = 0.5
+    return {
+        "client_resources": {"num_cpus": 1, "num_gpus": gpus},
+        "init_args": {"num_cpus": cpus, **({"num_gpus": 1} if gpus else {})},
+    }
+
+
 def _run_flower(
     specs: list[ExperimentSpec],
     record_messages: bool,
     verbose: bool,
     backend_config: dict[str, Any] | None,
 ) -> dict[str, dict[str, Any]]:
+    from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
     from medlora_lib.fl.client_app import app as client_app
-    from flwr.serverapp import ServerApp
-
     from medlora_lib.fl.server_app import run_experiments
 
     outputs: dict[str, dict[str, Any]] = {}
@@ -489,7 +552,7 @@ def _run_flower(
             server_app=server,
             client_app=client_app,
             num_supernodes=num,
-            backend_config=backend_config or DEFAULT_BACKEND_CONFIG,
+            backend_config=backend_config or default_backend_config(specs),
         )
     finally:
         flwr_logger.setLevel(level)
@@ -525,7 +588,9 @@ def simulate(
         inject_failure: tests only: ``{"partition": p, "round": r, "phase": "train"}``
             makes that client raise (the run records it and goes on); with
             ``"experiment": i`` only the i-th config of the list is affected.
-        backend_config: Flower's Ray backend config (default: 1 CPU per client, 2 CPUs).
+        backend_config: Flower's Ray backend config (default:
+            :func:`default_backend_config`; :data:`DEFAULT_BACKEND_CONFIG` is the 2-CPU
+            laptop setting).
         runtime: ``"flower"`` (default) or ``"inprocess"`` (the plain loop, no Flower;
             benchmarks and cross-checks).
 
@@ -552,13 +617,21 @@ def simulate(
             results[spec.exp_id] = RunResult.load(path)
         else:
             todo.append((cfg, spec))
-    flower = [(c, s) for c, s in todo if c.method in FEDERATED_METHODS and runtime == "flower"]
+    flower = [
+        (c, s) for c, s in todo if c.method in FEDERATED_METHODS and runtime == "flower"
+    ]
     local = [(c, s) for c, s in todo if (c, s) not in flower]
     for cfg, spec in local:
         rows, secs = run_inprocess(spec, verbose)
-        results[spec.exp_id] = build_result(cfg, rows, secs, exp_id=spec.exp_id, runtime="inprocess")
+        results[spec.exp_id] = build_result(
+            cfg, rows, secs, exp_id=spec.exp_id, runtime="inprocess"
+        )
     if flower:
-        outs = _run_flower([s for _, s in flower], record_messages, verbose, backend_config)
+        # one simulation per number of clients (a SuperNode per client, none idle)
+        outs: dict[str, dict[str, Any]] = {}
+        for k in sorted({len(s.clients) for _, s in flower}):
+            group = [s for _, s in flower if len(s.clients) == k]
+            outs.update(_run_flower(group, record_messages, verbose, backend_config))
         for cfg, spec in flower:
             o = outs[spec.exp_id]
             results[spec.exp_id] = build_result(

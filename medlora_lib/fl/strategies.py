@@ -33,6 +33,17 @@ from medlora_lib.comm import payload_bytes, record_summary, wire_bytes
 __all__ = ["MedloraFedAvg"]
 
 
+def _short_reason(reason: str) -> str:
+    """The last line that names the exception (Ray wraps it in long tracebacks)."""
+    lines = [
+        ln.strip() for ln in reason.replace("\\n", "\n").splitlines() if ln.strip()
+    ]
+    named = [
+        ln for ln in lines if "Error" in ln or "Exception" in ln or "Failure" in ln
+    ]
+    return (named[-1] if named else (lines[-1] if lines else reason))[-500:]
+
+
 class MedloraFedAvg(FedAvg):
     """FedAvg over the shared tensors with per-client rows, a message log and failures.
 
@@ -78,7 +89,9 @@ class MedloraFedAvg(FedAvg):
     # ------------------------------------------------------------------ logging
     def _log(self, direction: str, phase: str, rnd: int, msg: Message) -> None:
         node = (
-            msg.metadata.dst_node_id if direction == "down" else msg.metadata.src_node_id
+            msg.metadata.dst_node_id
+            if direction == "down"
+            else msg.metadata.src_node_id
         )
         if direction == "down":
             arrays = msg.content.array_records
@@ -114,9 +127,7 @@ class MedloraFedAvg(FedAvg):
             self.rows[key] = {"round": rnd, "partition": partition, "client": name}
         return self.rows[key]
 
-    def _split(
-        self, phase: str, rnd: int, replies: Iterable[Message]
-    ) -> list[Message]:
+    def _split(self, phase: str, rnd: int, replies: Iterable[Message]) -> list[Message]:
         valid = []
         for msg in replies:
             self._log("up", phase, rnd, msg)
@@ -129,7 +140,7 @@ class MedloraFedAvg(FedAvg):
                         "phase": phase,
                         "node_id": node,
                         "partition": self.node_partition.get(node),
-                        "reason": str(msg.error.reason)[-2000:],
+                        "reason": _short_reason(str(msg.error.reason)),
                     }
                 )
                 if self.verbose:
@@ -140,7 +151,11 @@ class MedloraFedAvg(FedAvg):
                     )
             else:
                 valid.append(msg)
-        valid.sort(key=lambda m: int(next(iter(m.content.metric_records.values()))["partition-id"]))
+        valid.sort(
+            key=lambda m: int(
+                next(iter(m.content.metric_records.values()))["partition-id"]
+            )
+        )
         for m in valid:
             part = int(next(iter(m.content.metric_records.values()))["partition-id"])
             self.node_partition[int(m.metadata.src_node_id)] = part

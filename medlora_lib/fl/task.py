@@ -46,7 +46,13 @@ __all__ = [
 ]
 
 #: Methods that run through Flower (a server aggregates what clients send).
-FEDERATED_METHODS = ("fedavg_lora", "ffa_lora", "fedsa_lora", "fedprox_lora", "med_dual_lora")
+FEDERATED_METHODS = (
+    "fedavg_lora",
+    "ffa_lora",
+    "fedsa_lora",
+    "fedprox_lora",
+    "med_dual_lora",
+)
 #: Methods that run in-process (no server): same loop, same evaluation.
 INPROCESS_METHODS = ("local", "centralized")
 
@@ -91,12 +97,17 @@ def round_seed(seed: int, partition: int, rnd: int) -> int:
     return zlib.crc32(f"medlora/{seed}/{partition}/{rnd}".encode()) & 0x7FFFFFFF
 
 
-def client_names(data_dir: str | Path) -> list[str]:
-    """Client (vendor) names of a prepared folder in canonical order (partition order)."""
+def client_names(data_dir: str | Path, clients: str = "vendor") -> list[str]:
+    """Client names of a prepared folder in partition order (canonical vendor order).
+
+    ``clients`` is ``fed.clients``: ``vendor`` or ``vendor+acdc`` (ACDC as a fifth
+    client, last); see :func:`medlora_lib.pipeline.client_of`.
+    """
     from medlora_lib.data.manifest import VENDORS, read_manifest
+    from medlora_lib.pipeline import client_of
 
     manifest = read_manifest(data_dir)
-    present = set(manifest["vendor"])
+    present = set(client_of(manifest, clients))
     return [v for v in VENDORS if v in present] + sorted(present - set(VENDORS))
 
 
@@ -121,8 +132,8 @@ def validate_config(cfg: ExperimentConfig) -> None:
     """Refuse a config that cannot run, before anything starts.
 
     Raises:
-        ConfigError: unknown method, rank <= 0, no adapted block, blocks out of range,
-            unsupported client split.
+        ConfigError: unknown method, rank <= 0, no adapted block, or blocks out of range
+            for the model depth.
     """
     from medlora_lib.adapters import METHODS, resolve_adapted_blocks
     from medlora_lib.pipeline import adapter_config
@@ -137,14 +148,11 @@ def validate_config(cfg: ExperimentConfig) -> None:
 
     depth = int(cfg.model.overrides.get("depth", SIZES[cfg.model.size]["depth"]))
     resolve_adapted_blocks(acfg.adapted_blocks, depth)
-    if cfg.fed.clients != "vendor":
-        raise ConfigError(
-            "config field `fed.clients`: only `vendor` (one client per vendor) is "
-            "implemented by medlora_lib.fl; use fed.clients=vendor"
-        )
 
 
-def _check_shapes(cfg: ExperimentConfig, clients: dict[str, Any], data_dir: Path) -> None:
+def _check_shapes(
+    cfg: ExperimentConfig, clients: dict[str, Any], data_dir: Path
+) -> None:
     want = (2, *cfg.data.image_size)
     for name, cd in clients.items():
         for split, (x, _) in cd.splits.items():
@@ -169,12 +177,13 @@ def clear_runtime_cache() -> None:
     _PREFIX_CACHE.clear()
 
 
-def _load_data(data_dir: str) -> dict[str, Any]:
-    if data_dir not in _DATA_CACHE:
+def _load_data(data_dir: str, clients: str = "vendor") -> dict[str, Any]:
+    key = f"{clients}|{data_dir}"
+    if key not in _DATA_CACHE:
         from medlora_lib.pipeline import load_client_data
 
-        _DATA_CACHE[data_dir] = load_client_data(data_dir)[0]
-    return _DATA_CACHE[data_dir]
+        _DATA_CACHE[key] = load_client_data(data_dir, clients=clients)[0]
+    return _DATA_CACHE[key]
 
 
 @dataclass
@@ -242,9 +251,11 @@ class ClientRuntime:
                 f"clients {spec.clients}; start one SuperNode per client with "
                 f"--node-config 'partition-id=N num-partitions={len(spec.clients)}'"
             )
-        clients = _load_data(spec.data_dir)
+        clients = _load_data(spec.data_dir, cfg.fed.clients)
         names = train_names or [spec.clients[partition]]
-        missing = [n for n in names if n not in clients or "train" not in clients[n].splits]
+        missing = [
+            n for n in names if n not in clients or "train" not in clients[n].splits
+        ]
         if missing:
             raise DataError(
                 f"{spec.data_dir}: client(s) {missing} have no training split; check "
@@ -263,9 +274,18 @@ class ClientRuntime:
             if start is None:
                 return {"image": x}
             key = json.dumps(
-                [cfg.model.__dict__, cfg.data.image_size, spec.data_dir,
-                 cfg.seed if cfg.model.pretrained == "none" else None,
-                 start, name, split],
+                [
+                    cfg.model.__dict__,
+                    cfg.data.image_size,
+                    spec.data_dir,
+                    cfg.seed if cfg.model.pretrained == "none" else None,
+                    start,
+                    name,
+                    split,
+                    # the subjects themselves (a client's split depends on fed.clients)
+                    zlib.crc32("\n".join(clients[name].subjects[split]).encode()),
+                    int(x.shape[0]),
+                ],
                 default=str,
                 sort_keys=True,
             )
@@ -446,9 +466,7 @@ class _local_adapter_off:
 
     def __init__(self, model: nn.Module, adapter: str) -> None:
         self.params = [
-            p
-            for n, p in model.named_parameters()
-            if f".lora_B.{adapter}." in n
+            p for n, p in model.named_parameters() if f".lora_B.{adapter}." in n
         ]
         self.saved: list[torch.Tensor] = []
 

@@ -1,0 +1,228 @@
+"""Federation benchmark: Flower's share of a run, seconds per round, peak memory, bytes.
+
+Side by side in one run (chapter ``notebooks/06_communication_analysis``):
+
+1. **Flower's share** — the same training (same methods, rounds, seeds) through the plain
+   in-process loop (:func:`medlora_lib.fl.run_inprocess`, no Flower) and through
+   :func:`medlora_lib.fl.simulate` (Flower Simulation Runtime, Ray); both wall times and
+   ``share = 1 - plain / flower``. The simulation's time is given with and without its
+   one-off start-up (Ray + actors), which several experiments in one call amortise.
+2. **Seconds per round and peak memory per method** — each method in its own fresh
+   process through the in-process loop (peak RSS = the child's ``ru_maxrss``), and seconds
+   per round inside the simulation.
+3. **Bytes per round per method** — measured from the ArrayRecords of the simulation's
+   messages vs the closed form (``adapters.shared_bytes``); they must agree.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_federation.py            # cpu profile (default)
+    .venv/bin/python benchmarks/bench_federation.py --smoke    # seconds, for CI / a check
+    .venv/bin/python benchmarks/bench_federation.py --rounds 3 --methods fedavg_lora med_dual_lora
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+ALL = (
+    "local",
+    "centralized",
+    "fedavg_lora",
+    "ffa_lora",
+    "fedsa_lora",
+    "fedprox_lora",
+    "med_dual_lora",
+)
+
+
+def _config(profile: str, method: str, rounds: int | None, extra: list[str]):
+    from medlora_lib.config import get_config
+
+    overrides = list(extra)
+    if rounds is not None:
+        overrides.append(f"fed.num_rounds={rounds}")
+    return get_config(profile, overrides=overrides, method=method)
+
+
+def _steady_s_per_round(rows: pd.DataFrame) -> float:
+    """Median seconds between consecutive rounds (round 1 also pays the set-up)."""
+    el = rows.groupby("round")["elapsed_s"].max().sort_index()
+    d = el.diff().dropna()
+    return (
+        float(d.median()) if len(d) else float(el.iloc[0]) if len(el) else float("nan")
+    )
+
+
+def _inprocess_child(args: tuple) -> dict:
+    """Run methods one after the other in this (fresh) process through the plain loop."""
+    profile, methods, rounds, extra = args
+    import medlora_lib.adapters  # noqa: F401  (imports outside the timing)
+    from medlora_lib.fl.simulate import prepare_specs, run_inprocess
+
+    out = {}
+    t0 = time.perf_counter()
+    for method in methods:
+        cfg = _config(profile, method, rounds, extra)
+        spec = prepare_specs([cfg])[0]
+        rows, secs = run_inprocess(spec, verbose=False)
+        out[method] = {
+            "plain_s": secs,
+            "plain_s_per_round": _steady_s_per_round(pd.DataFrame(rows)),
+        }
+    total = time.perf_counter() - t0
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"methods": out, "total_s": total, "peak_rss_mb": peak_kb / 1024}
+
+
+def _in_child(args: tuple) -> dict:
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(_inprocess_child, (args,))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="smoke profile, 2 rounds")
+    ap.add_argument("--profile", default="cpu")
+    ap.add_argument("--rounds", type=int, default=None, help="override fed.num_rounds")
+    ap.add_argument("--methods", nargs="*", default=list(ALL))
+    ap.add_argument("--set", nargs="*", default=[], metavar="SECTION.FIELD=VALUE")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="write bench_federation.json"
+    )
+    args = ap.parse_args(argv)
+    profile = "smoke" if args.smoke else args.profile
+    rounds = args.rounds if args.rounds is not None else (2 if args.smoke else None)
+    extra = list(args.set)
+    if args.smoke and not any(s.startswith("model.pretrained") for s in extra):
+        extra.append('model.pretrained="none"')
+    if not any(s.startswith("train.num_threads") for s in extra):
+        # Ray gives each simulated client 1 CPU (OMP_NUM_THREADS=1); the plain loop gets
+        # the same, so both compute alike (on a busy 2-core machine torch's default of 2
+        # threads per process is also many times slower: oversubscription).
+        extra.append("train.num_threads=1")
+    print("$ " + " ".join([Path(sys.executable).name, *sys.argv]), flush=True)
+
+    from medlora_lib.comm import closed_form_bytes
+    from medlora_lib.fl import FEDERATED_METHODS, simulate
+    from medlora_lib.pipeline import resolve_data_dir
+
+    resolve_data_dir(
+        _config(profile, "local", rounds, extra)
+    )  # data made once, not timed
+    methods = [m for m in args.methods if m in ALL]
+    fed = [m for m in methods if m in FEDERATED_METHODS]
+
+    # 2a: every method alone in a fresh process, plain loop: peak memory, s / round
+    plain = []
+    for m in methods:
+        res = _in_child((profile, [m], rounds, extra))
+        plain.append(
+            {"method": m, **res["methods"][m], "peak_rss_mb": res["peak_rss_mb"]}
+        )
+        print(f"plain loop  {m:14s} {plain[-1]['plain_s']:7.1f} s", flush=True)
+    plain_df = pd.DataFrame(plain).set_index("method")
+
+    # 1a: the federated methods one after the other in ONE process, plain loop
+    plain_fed = float("nan")
+    if fed:
+        plain_fed = _in_child((profile, fed, rounds, extra))["total_s"]
+        print(
+            f"plain loop, {len(fed)} federated methods in one process: {plain_fed:.1f} s"
+        )
+
+    # 1b + 2b + 3: the federated methods through Flower, all in ONE simulation
+    sim_df = pd.DataFrame()
+    flower_total = 0.0
+    if fed:
+        cfgs = [_config(profile, m, rounds, extra) for m in fed]
+        t0 = time.perf_counter()
+        results = simulate(cfgs, verbose=False)
+        flower_total = time.perf_counter() - t0
+        rows = []
+        for r in results:
+            cf = closed_form_bytes(r.config)["shared_bytes"]
+            ups = r.comm["bytes_up_per_client_round"]
+            n_clients = r.rounds["client"].nunique()
+            rows.append(
+                {
+                    "method": r.method,
+                    "flower_s": r.seconds,
+                    "flower_s_per_round": _steady_s_per_round(r.rounds),
+                    "bytes_up_client_round": ups[0] if len(ups) == 1 else ups,
+                    "closed_form_bytes": cf,
+                    "bytes_round_all_clients": (ups[0] if ups else 0) * n_clients * 2,
+                    "match": r.comm["matches_closed_form"],
+                    "mean_test_BA": float(
+                        r.selected()
+                        .set_index("client")
+                        .loc["mean", "balanced_accuracy"]
+                    ),
+                }
+            )
+        sim_df = pd.DataFrame(rows).set_index("method")
+
+    table = plain_df.join(sim_df, how="left")
+    for m in methods:
+        if m not in fed:
+            table.loc[m, "closed_form_bytes"] = 0
+            table.loc[m, "match"] = True
+    pd.set_option("display.width", 200)
+    print()
+    print(f"profile={profile} rounds={rounds or 'profile default'}")
+    print(table.to_string(float_format=lambda v: f"{v:.2f}"))
+
+    if fed:
+        flower_exp = float(sim_df["flower_s"].sum())
+        print()
+        print(
+            f"Flower's share ({len(fed)} federated methods, same training): plain loop "
+            f"{plain_fed:.1f} s; simulate() {flower_total:.1f} s incl. Ray start-up, "
+            f"{flower_exp:.1f} s excl.; ratio simulate/plain = "
+            f"{flower_total / plain_fed:.2f} (incl.), {flower_exp / plain_fed:.2f} (excl.); "
+            f"orchestration share = {1 - plain_fed / flower_total:.0%} (incl.), "
+            f"{1 - plain_fed / flower_exp:.0%} (excl.)"
+        )
+        steady_plain = float(plain_df.loc[fed, "plain_s_per_round"].mean())
+        steady_flower = float(sim_df["flower_s_per_round"].mean())
+        print(
+            f"steady state (median s / round, mean over methods): plain "
+            f"{steady_plain:.2f} s, Flower {steady_flower:.2f} s, ratio "
+            f"{steady_flower / steady_plain:.2f} (orchestration share "
+            f"{1 - steady_plain / steady_flower:.0%}); the rest of the difference is "
+            "start-up (Ray, actors importing torch, first model / cache builds)"
+        )
+        print(
+            "note: both use 1 torch thread per client (train.num_threads=1); the "
+            "simulation runs up to one client per CPU at a time, the plain loop one "
+            "after the other."
+        )
+    ok = bool(table["match"].fillna(True).all())
+    print(f"bytes measured == closed form for every method: {ok}")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench_federation.json").write_text(
+            json.dumps(
+                {
+                    "profile": profile,
+                    "rounds": rounds,
+                    "table": json.loads(table.reset_index().to_json(orient="records")),
+                    "flower_total_s": flower_total,
+                    "plain_federated_total_s": plain_fed,
+                },
+                indent=2,
+            )
+        )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,163 @@
+"""Bad input refused before anything starts; in-process methods; single-class clients; CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from medlora_lib.config import get_config
+from medlora_lib.errors import ConfigError, DataError
+from medlora_lib.fl import RunResult, simulate
+from medlora_lib.fl.simulate import cache_path, prepare_specs
+from medlora_lib.pipeline import resolve_data_dir
+
+SMOKE = ['model.pretrained="none"', "fed.num_rounds=1", "train.num_threads=1"]
+
+
+@pytest.fixture(scope="module")
+def data_dir():
+    return resolve_data_dir(get_config("smoke"), verbose=False)
+
+
+def test_unknown_method_is_refused(data_dir):
+    cfg = get_config("smoke", overrides=SMOKE, method="fedbogus")
+    with pytest.raises(ConfigError, match="fedbogus"):
+        simulate(cfg)
+
+
+def test_unknown_profile_is_refused():
+    with pytest.raises(ConfigError, match="profile"):
+        get_config("laptop")
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("adapter.lora_rank=0", "lora_rank"),
+        ("adapter.lora_rank=-2", "lora_rank"),
+        ('adapter.adapted_blocks="last0"', "adapts no block"),
+        ("adapter.adapted_blocks=[]", "no block"),
+        ("adapter.adapted_blocks=[7]", "out of range"),
+    ],
+)
+def test_bad_adapter_config_is_refused_before_start(data_dir, override, match):
+    cfg = get_config("smoke", overrides=[*SMOKE, override], method="med_dual_lora")
+    with pytest.raises(ConfigError, match=match):
+        simulate(cfg)
+
+
+def test_data_folder_not_matching_manifest(data_dir, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(data_dir, bad)
+    victim = pd.read_csv(bad / "manifest.csv")["path"].iloc[3]
+    (bad / victim).unlink()
+    cfg = get_config("smoke", overrides=[*SMOKE, f'data.data_dir="{bad}"'])
+    with pytest.raises(DataError):
+        simulate(cfg)
+
+
+def test_data_of_another_profile_is_refused(data_dir):
+    cfg = get_config(
+        "smoke",
+        overrides=[*SMOKE, f'data.data_dir="{data_dir}"', "data.image_size=[48,48,8]"],
+    )
+    # refused before anything starts (the pipeline's dataset.json check or ours)
+    with pytest.raises((DataError, ConfigError), match="image"):
+        prepare_specs([cfg])
+
+
+def test_local_and_centralized_run_inprocess(data_dir, tmp_path):
+    cfgs = [
+        get_config("smoke", overrides=SMOKE, method=m) for m in ("local", "centralized")
+    ]
+    local, central = simulate(cfgs, verbose=False)
+    for r in (local, central):
+        assert r.provenance["runtime"] == "inprocess"
+        assert len(r.rounds) == 4
+        assert set(r.selected().client) >= {"Siemens", "Philips", "GE", "Canon"}
+    assert local.comm["total_bytes_up"] == 0
+    # centralized: one pooled model, the same training loss on every client row
+    assert central.rounds["train_loss"].nunique() == 1
+    assert (
+        central.rounds["num_examples"] == central.rounds["num_examples"].iloc[0]
+    ).all()
+    out = local.save(tmp_path / "run")
+    again = RunResult.load(out)
+    pd.testing.assert_frame_equal(again.final, local.final, check_dtype=False)
+    assert json.loads((out / "results.json").read_text())["method"] == "local"
+
+
+def test_single_class_client_split_is_reported_not_crashed(data_dir, tmp_path):
+    one = tmp_path / "oneclass"
+    shutil.copytree(data_dir, one)
+    m = pd.read_csv(one / "manifest.csv", dtype=str, keep_default_na=False)
+    m.loc[(m.vendor == "GE") & (m.split.isin(["val", "test"])), "label"] = "1"
+    m.to_csv(one / "manifest.csv", index=False)
+    cfg = get_config(
+        "smoke", overrides=[*SMOKE, f'data.data_dir="{one}"'], method="local"
+    )
+    r = simulate(cfg, verbose=False)
+    ge = r.selected().set_index("client").loc["GE"]
+    assert np.isnan(ge["balanced_accuracy"]) and np.isnan(ge["auc"])
+    assert "no healthy subjects" in ge["notes"]
+    assert not np.isnan(ge["sensitivity"])
+    other = r.selected().set_index("client").loc["Siemens"]
+    assert not np.isnan(other["balanced_accuracy"])
+
+
+def test_cache_reuses_a_run(data_dir, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("MEDLORA_CACHE", str(tmp_path))
+    cfg = get_config(
+        "smoke", overrides=[*SMOKE, f'data.data_dir="{data_dir}"'], method="local"
+    )
+    a = simulate(cfg, use_cache=True, verbose=False)
+    assert (cache_path(cfg, data_dir) / "results.json").exists()
+    b = simulate(cfg, use_cache=True, verbose=True)
+    assert "cached" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(a.final, b.final, check_dtype=False)
+
+
+def test_cli_run_writes_results(data_dir, tmp_path):
+    from medlora_lib.cli import main
+
+    out = tmp_path / "cli"
+    rc = main(
+        [
+            "run",
+            "--method",
+            "local",
+            "--profile",
+            "smoke",
+            "--out",
+            str(out),
+            "--seed",
+            "2",
+            "--set",
+            *SMOKE,
+        ]
+    )
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["seed"] == 2 and res["config"]["method"] == "local"
+    assert len(pd.read_csv(out / "rounds.csv")) == 4
+
+
+def test_cli_run_bad_method_is_a_clean_error(capsys):
+    from medlora_lib.cli import main
+
+    rc = main(["run", "--method", "nope", "--profile", "smoke"])
+    assert rc == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_acdc_as_fifth_client(data_dir):
+    cfg = get_config(
+        "smoke", overrides=[*SMOKE, "fed.clients=vendor+acdc"], method="local"
+    )
+    assert prepare_specs([cfg])[0].clients[-1] == "ACDC"
+    r = simulate(cfg, verbose=False)
+    assert list(r.rounds["client"]) == ["Siemens", "Philips", "GE", "Canon", "ACDC"]
