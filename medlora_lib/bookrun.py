@@ -172,7 +172,11 @@ def check_site(html_dir: Path) -> list[str]:
             continue  # theme templates, not pages
         text = page.read_text(errors="replace")
         for target in link_re.findall(text):
-            if re.match(r"^[a-z]+:", target) or target.startswith("//") or "{{" in target:
+            if (
+                re.match(r"^[a-z]+:", target)
+                or target.startswith("//")
+                or "{{" in target
+            ):
                 continue
             resolved = (page.parent / target).resolve()
             if not resolved.exists():
