@@ -83,10 +83,23 @@ def execute_notebooks(
     Returns:
         Seconds per notebook (also written to ``out_dir/timings.json``).
     """
-    import papermill as pm
-
     nb_out = out_dir / "notebooks"
     nb_out.mkdir(parents=True, exist_ok=True)
+    # The kernel inherits this environment: a non-interactive MPLBACKEND (Agg, set for
+    # headless tests) would stop plt.show() from embedding figures in the notebooks.
+    saved_backend = os.environ.pop("MPLBACKEND", None)
+    try:
+        return _execute(nb_out, out_dir, profile, only, timeout)
+    finally:
+        if saved_backend is not None:
+            os.environ["MPLBACKEND"] = saved_backend
+
+
+def _execute(
+    nb_out: Path, out_dir: Path, profile: str, only: list[str] | None, timeout: int
+) -> dict[str, float]:
+    import papermill as pm
+
     timings: dict[str, float] = {}
     env_cache = os.environ.setdefault(
         "MEDLORA_CACHE", str(REPO_ROOT / ".cache" / "medlora")

@@ -19,14 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from medlora_lib.data.manifest import pathology_to_label, write_prepared_dataset
+from medlora_lib.data.manifest import pathology_to_label
 from medlora_lib.data.nifti import load_nifti, load_nifti_frames, nifti_shape
-from medlora_lib.data.preprocess import (
-    CropFallback,
-    iter_prepared_records,
-    preprocessing_params,
-    summarise_prepared,
-)
+from medlora_lib.data.preprocess import CropFallback, prepare_subjects
 from medlora_lib.errors import DataError
 
 __all__ = [
@@ -297,38 +292,23 @@ def prepare_acdc(
         DataError: bad raw data or an incompatible ``OUT_DIR``; nothing is half-written.
     """
     subjects = scan_acdc(raw_dir)
-    info = {
-        "name": "acdc",
-        "image_size": [int(s) for s in image_size],
-        "spacing": [float(s) for s in target_spacing],
-        "preprocessing": preprocessing_params(
-            target_spacing, image_size, crop_fallback
-        ),
-        "sources": [
-            {
-                "name": "acdc",
-                "raw_dir": str(Path(raw_dir).absolute()),
-                "n": len(subjects),
-            }
-        ],
-        "split": {
-            "val_fraction": val_fraction,
-            "test_fraction": test_fraction,
-            "seed": seed,
-            "client_column": client_column,
-        },
-    }
-    records = iter_prepared_records(
+    return prepare_subjects(
         subjects,
+        out_dir,
+        source={
+            "name": "acdc",
+            "raw_dir": str(Path(raw_dir).absolute()),
+            "n": len(subjects),
+        },
         target_spacing=target_spacing,
         image_size=image_size,
         crop_fallback=crop_fallback,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        seed=seed,
+        client_column=client_column,
+        overwrite=overwrite,
+        merge=merge,
         progress=progress,
         desc="ACDC",
     )
-    out = write_prepared_dataset(
-        out_dir, records, info, overwrite=overwrite, merge=merge
-    )
-    if progress:
-        summarise_prepared(out)
-    return out

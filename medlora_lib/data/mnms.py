@@ -28,15 +28,9 @@ import pandas as pd
 from medlora_lib.data.manifest import (
     normalise_vendor,
     pathology_to_label,
-    write_prepared_dataset,
 )
 from medlora_lib.data.nifti import load_nifti_frames, nifti_shape
-from medlora_lib.data.preprocess import (
-    CropFallback,
-    iter_prepared_records,
-    preprocessing_params,
-    summarise_prepared,
-)
+from medlora_lib.data.preprocess import CropFallback, prepare_subjects
 from medlora_lib.errors import DataError
 
 __all__ = [
@@ -410,39 +404,24 @@ def prepare_mnms(
     subjects = scan_mnms(
         raw_dir, csv_path=csv_path, on_mismatch=on_mismatch, skip_unlisted=skip_unlisted
     )
-    info = {
-        "name": "mnms",
-        "image_size": [int(s) for s in image_size],
-        "spacing": [float(s) for s in target_spacing],
-        "preprocessing": preprocessing_params(
-            target_spacing, image_size, crop_fallback
-        ),
-        "sources": [
-            {
-                "name": "mnms",
-                "raw_dir": str(Path(raw_dir).absolute()),
-                "n": len(subjects),
-                "n_without_gt": sum(not s.has_gt for s in subjects),
-            }
-        ],
-        "split": {
-            "val_fraction": val_fraction,
-            "test_fraction": test_fraction,
-            "seed": seed,
-            "client_column": client_column,
-        },
-    }
-    records = iter_prepared_records(
+    return prepare_subjects(
         subjects,
+        out_dir,
+        source={
+            "name": "mnms",
+            "raw_dir": str(Path(raw_dir).absolute()),
+            "n": len(subjects),
+            "n_without_gt": sum(not s.has_gt for s in subjects),
+        },
         target_spacing=target_spacing,
         image_size=image_size,
         crop_fallback=crop_fallback,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        seed=seed,
+        client_column=client_column,
+        overwrite=overwrite,
+        merge=merge,
         progress=progress,
         desc="M&Ms",
     )
-    out = write_prepared_dataset(
-        out_dir, records, info, overwrite=overwrite, merge=merge
-    )
-    if progress:
-        summarise_prepared(out)
-    return out

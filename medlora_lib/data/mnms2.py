@@ -27,16 +27,10 @@ import pandas as pd
 from medlora_lib.data.manifest import (
     normalise_vendor,
     pathology_to_label,
-    write_prepared_dataset,
 )
 from medlora_lib.data.mnms import OnMismatch, _rename_columns
 from medlora_lib.data.nifti import load_nifti, nifti_shape
-from medlora_lib.data.preprocess import (
-    CropFallback,
-    iter_prepared_records,
-    preprocessing_params,
-    summarise_prepared,
-)
+from medlora_lib.data.preprocess import CropFallback, prepare_subjects
 from medlora_lib.errors import DataError
 
 __all__ = ["Mnms2Subject", "scan_mnms2", "prepare_mnms2", "MNMS2_REQUIRED_COLUMNS"]
@@ -243,40 +237,25 @@ def prepare_mnms2(
     scanners: dict[str, int] = {}
     for s in subjects:
         scanners[s.scanner] = scanners.get(s.scanner, 0) + 1
-    info = {
-        "name": "mnms2",
-        "image_size": [int(s) for s in image_size],
-        "spacing": [float(s) for s in target_spacing],
-        "preprocessing": preprocessing_params(
-            target_spacing, image_size, crop_fallback
-        ),
-        "sources": [
-            {
-                "name": "mnms2",
-                "raw_dir": str(Path(raw_dir).absolute()),
-                "n": len(subjects),
-                "scanners": scanners,
-                "label_map_assumption": "LV 1, MYO 2, RV 3 (as M&Ms-1)",
-            }
-        ],
-        "split": {
-            "val_fraction": val_fraction,
-            "test_fraction": test_fraction,
-            "seed": seed,
-            "client_column": client_column,
-        },
-    }
-    records = iter_prepared_records(
+    return prepare_subjects(
         subjects,
+        out_dir,
+        source={
+            "name": "mnms2",
+            "raw_dir": str(Path(raw_dir).absolute()),
+            "n": len(subjects),
+            "scanners": scanners,
+            "label_map_assumption": "LV 1, MYO 2, RV 3 (as M&Ms-1)",
+        },
         target_spacing=target_spacing,
         image_size=image_size,
         crop_fallback=crop_fallback,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        seed=seed,
+        client_column=client_column,
+        overwrite=overwrite,
+        merge=merge,
         progress=progress,
         desc="M&Ms-2",
     )
-    out = write_prepared_dataset(
-        out_dir, records, info, overwrite=overwrite, merge=merge
-    )
-    if progress:
-        summarise_prepared(out)
-    return out

@@ -305,3 +305,64 @@ def summarise_prepared(out_dir, *, print_summary: bool = True) -> pd.DataFrame:
         print(f"wrote {len(df)} subjects to {out_dir}")
         print(table.to_string())
     return table
+
+
+def prepare_subjects(
+    subjects: Sequence,
+    out_dir,
+    *,
+    source: dict,
+    target_spacing: Sequence[float],
+    image_size: Sequence[int],
+    crop_fallback: CropFallback = "center",
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.25,
+    seed: int = 0,
+    client_column: str = "vendor",
+    overwrite: bool = False,
+    merge: bool = False,
+    progress: bool = True,
+    desc: str = "preprocess",
+):
+    """Preprocess scanned subjects and write a prepared folder (shared by the loaders).
+
+    Args:
+        subjects: scanned subjects (see :func:`iter_prepared_records`).
+        out_dir: the prepared folder to write (atomically).
+        source: the ``dataset.json`` source entry; must hold ``name`` (``acdc``, ...).
+        Other arguments: as ``prepare_acdc``.
+
+    Returns:
+        ``out_dir`` as a Path.
+    """
+    from medlora_lib.data.manifest import write_prepared_dataset
+
+    info = {
+        "name": source["name"],
+        "image_size": [int(s) for s in image_size],
+        "spacing": [float(s) for s in target_spacing],
+        "preprocessing": preprocessing_params(
+            target_spacing, image_size, crop_fallback
+        ),
+        "sources": [source],
+        "split": {
+            "val_fraction": val_fraction,
+            "test_fraction": test_fraction,
+            "seed": seed,
+            "client_column": client_column,
+        },
+    }
+    records = iter_prepared_records(
+        subjects,
+        target_spacing=target_spacing,
+        image_size=image_size,
+        crop_fallback=crop_fallback,
+        progress=progress,
+        desc=desc,
+    )
+    out = write_prepared_dataset(
+        out_dir, records, info, overwrite=overwrite, merge=merge
+    )
+    if progress:
+        summarise_prepared(out)
+    return out
