@@ -26,6 +26,8 @@ __all__ = [
     "plot_loss_curve",
     "plot_reconstructions",
     "plot_probe_results",
+    "plot_round_curves",
+    "plot_method_bars",
 ]
 
 VENDOR_COLORS: dict[str, str] = {
@@ -229,4 +231,81 @@ def plot_probe_results(df: pd.DataFrame, ax: Any = None) -> tuple[Any, Any]:
     ax.set_ylabel("balanced accuracy (test)")
     ax.set_xlabel("")
     ax.legend(frameon=False, loc="lower right")
+    return fig, ax
+
+
+def plot_round_curves(
+    rounds: pd.DataFrame,
+    metric: str = "val_balanced_accuracy",
+    ax: Any = None,
+    selected: dict[str, int] | None = None,
+) -> tuple[Any, Any]:
+    """One line per client (vendor colours): ``metric`` against the round.
+
+    ``rounds`` is ``RunResult.rounds`` (columns ``round``, ``client`` and ``metric``);
+    ``selected`` (client → round) marks each client's validation-selected round.
+    Chapter ``notebooks/02_single_site_baseline``.
+    """
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5.5, 3.4))
+    for client, g in rounds.groupby("client", sort=False):
+        g = g.sort_values("round")
+        color = VENDOR_COLORS.get(str(client))
+        ax.plot(g["round"], g[metric], marker=".", lw=1.2, color=color, label=client)
+        if selected and client in selected:
+            r = g[g["round"] == selected[client]]
+            ax.plot(r["round"], r[metric], marker="*", ms=12, color=color, lw=0)
+    ax.set_xlabel("round (× local epochs)")
+    ax.set_ylabel(metric.replace("_", " "))
+    ax.legend(frameon=False, fontsize=8)
+    return fig, ax
+
+
+def plot_method_bars(
+    df: pd.DataFrame,
+    metric: str = "balanced_accuracy",
+    ax: Any = None,
+    group: str = "client",
+) -> tuple[Any, Any]:
+    """Grouped bars: ``metric`` per ``group`` (e.g. vendor), one colour per method.
+
+    ``df`` columns: ``method``, ``group``, ``metric`` and optionally ``ci_low`` /
+    ``ci_high`` (drawn as error bars). Chapter ``notebooks/02_single_site_baseline``.
+    """
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6.5, 3.4))
+    groups = list(dict.fromkeys(df[group]))
+    methods = list(dict.fromkeys(df["method"]))
+    width = 0.8 / max(len(methods), 1)
+    x = np.arange(len(groups))
+    for j, method in enumerate(methods):
+        sub = df[df["method"] == method].set_index(group).reindex(groups)
+        pos = x + (j - (len(methods) - 1) / 2) * width
+        yerr = None
+        if {"ci_low", "ci_high"} <= set(sub.columns):
+            yerr = np.vstack(
+                [sub[metric] - sub["ci_low"], sub["ci_high"] - sub[metric]]
+            ).clip(min=0)
+        ax.bar(
+            pos,
+            sub[metric],
+            width,
+            color=METHOD_COLORS.get(str(method), "#bbbbbb"),
+            label=method,
+        )
+        if yerr is not None:
+            # a white halo under a black bar keeps the interval visible on any colour
+            for color, lw in (("white", 3.0), ("#333333", 1.2)):
+                ax.errorbar(
+                    pos,
+                    sub[metric],
+                    yerr=yerr,
+                    fmt="none",
+                    ecolor=color,
+                    elinewidth=lw,
+                    capsize=3,
+                    capthick=lw,
+                )
+    ax.set_xticks(x, groups)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel(f"{metric.replace('_', ' ')} (test)")
+    ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig, ax
