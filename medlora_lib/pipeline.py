@@ -99,16 +99,25 @@ def resolve_data_dir(cfg: ExperimentConfig, verbose: bool = True) -> Path:
 def check_data_matches(cfg: ExperimentConfig, data_dir: Path) -> None:
     """Refuse prepared data whose image size differs from the model input of ``cfg``.
 
+    Reads the size recorded in ``dataset.json`` and, as the ground truth, the shape of
+    the first array of the manifest.
+
     Raises:
-        ConfigError: ``dataset.json`` records another image size (the message names
-            both and the fix).
+        ConfigError: another image size (the message names both and the fix).
+        DataError: the first array cannot be read.
     """
-    from medlora_lib.data.manifest import read_dataset_info
+    from medlora_lib.data.manifest import read_dataset_info, read_manifest
     from medlora_lib.errors import ConfigError
 
     info = read_dataset_info(data_dir) or {}
     size = (info.get("preprocessing") or {}).get("image_size")
-    if size is not None and tuple(size) != tuple(cfg.data.image_size):
+    if size is None:
+        first = data_dir / read_manifest(data_dir, check_files=False)["path"].iloc[0]
+        try:
+            size = np.load(first)["image"].shape[1:]
+        except Exception as exc:  # corrupt or unreadable array
+            raise DataError(f"{first}: cannot read the `image` array ({exc})") from exc
+    if tuple(size) != tuple(cfg.data.image_size):
         raise ConfigError(
             f"{data_dir} was prepared at image size {tuple(size)} but config field "
             f"`data.image_size` is {tuple(cfg.data.image_size)} (profile "

@@ -22,7 +22,6 @@ __all__ = [
     "plot_intensity_distributions",
     "plot_distance_matrix",
     "plot_phenotypes",
-    "plot_knob_sweep",
     "plot_loss_curve",
     "plot_reconstructions",
     "plot_probe_results",
@@ -151,18 +150,6 @@ def plot_phenotypes(
         data=df, x=x, y=y, hue="pathology", style="label", ax=ax, s=22, alpha=0.8
     )
     ax.legend(fontsize=8, frameon=False, bbox_to_anchor=(1.02, 1), loc="upper left")
-    return fig, ax
-
-
-def plot_knob_sweep(
-    df: pd.DataFrame, x: str, y: str, ax: Any = None, chance: float | None = None
-) -> tuple[Any, Any]:
-    """A metric against the heterogeneity knob (``df``: one row per level and repeat)."""
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5, 3.4))
-    sns.pointplot(data=df, x=x, y=y, ax=ax, errorbar=("ci", 95), color="#1f77b4")
-    if chance is not None:
-        ax.axhline(chance, ls="--", color="grey", lw=1, label="chance")
-        ax.legend(frameon=False)
     return fig, ax
 
 

@@ -15,7 +15,6 @@ Explained in the book: notebook 02 (single-site baseline).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -242,14 +241,7 @@ def fit(
             for n, p in module.named_parameters():
                 if n in best_state:
                     p.copy_(best_state[n])
-    elif not select or best_state is None:
+    else:
         result.best_epoch = epochs
     module.eval()
     return result
-
-
-def clone_trainable(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Detached copies of the trainable parameters (for checkpoints and selection)."""
-    return copy.deepcopy(
-        {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
-    )

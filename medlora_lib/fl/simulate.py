@@ -46,6 +46,7 @@ from medlora_lib.fl.task import (
     client_names,
     validate_config,
 )
+from medlora_lib.metrics import METRIC_NAMES
 
 __all__ = [
     "RunResult",
@@ -64,15 +65,6 @@ DEFAULT_BACKEND_CONFIG: dict[str, Any] = {
     "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
     "init_args": {"num_cpus": 2},
 }
-_SCORE_KEYS = (
-    "balanced_accuracy",
-    "sensitivity",
-    "specificity",
-    "auc",
-    "f1",
-    "mcc",
-    "accuracy",
-)
 
 
 # ------------------------------------------------------------------------------ result
@@ -249,7 +241,7 @@ def build_result(
                         f"{prefix}val_{cfg.train.selection_metric}", float("nan")
                     ),
                 }
-                for k in (*_SCORE_KEYS, "n", "n_pos", "n_neg"):
+                for k in (*METRIC_NAMES, "n", "n_pos", "n_neg"):
                     row[k] = float(r[f"{prefix}test_{k}"])
                 row["notes"] = _notes(row["n_pos"], row["n_neg"])
                 final_rows.append(row)
@@ -259,7 +251,7 @@ def build_result(
                     k: float(np.nanmean(df[f"{prefix}test_{k}"].astype(float)))
                     if df[f"{prefix}test_{k}"].notna().any()
                     else float("nan")
-                    for k in _SCORE_KEYS
+                    for k in METRIC_NAMES
                 }
                 base = {
                     "method": cfg.method,
@@ -346,9 +338,9 @@ def _weights_fingerprint(cfg: ExperimentConfig) -> str:
         return "none"
     path = None
     if p == "small":
-        path = (
-            Path(__file__).resolve().parent.parent / "assets" / "small_fm.safetensors"
-        )
+        from medlora_lib.models.checkpoint import SMALL_FM_PATH
+
+        path = SMALL_FM_PATH
     elif p != "hub":
         path = Path(p).expanduser()
     if path is not None and path.exists():
@@ -369,25 +361,6 @@ def cache_path(cfg: ExperimentConfig, data_dir: str | Path) -> Path:
     return default_cache_dir() / "runs" / f"{cfg.method}-{config_hash(cfg, 6)}-{digest}"
 
 
-def _check_data_shape(cfg: ExperimentConfig, data_dir: Path) -> None:
-    from medlora_lib.data.manifest import read_manifest
-    from medlora_lib.errors import DataError
-
-    manifest = read_manifest(data_dir)
-    first = data_dir / manifest["path"].iloc[0]
-    try:
-        shape = tuple(np.load(first)["image"].shape)
-    except Exception as exc:  # corrupt or unreadable array
-        raise DataError(f"{first}: cannot read the `image` array ({exc})") from exc
-    want = (2, *cfg.data.image_size)
-    if shape != want:
-        raise DataError(
-            f"{data_dir}: images have shape {shape} but the config expects {want} "
-            f"(profile {cfg.profile!r}, data.image_size={list(cfg.data.image_size)}); "
-            "prepare the data with the same profile or set data.image_size to match"
-        )
-
-
 def prepare_specs(
     configs: list[ExperimentConfig],
     inject_failure: dict[str, Any] | None = None,
@@ -406,7 +379,6 @@ def prepare_specs(
         names = client_names(data_dir, cfg.fed.clients)
         if len(names) < 1:
             raise ConfigError(f"{data_dir}: the manifest lists no client")
-        _check_data_shape(cfg, Path(data_dir))
         exp_id = f"{i}-{cfg.method}-s{cfg.seed}-{config_hash(cfg, 6)}"
         fail = None
         if inject_failure and inject_failure.get("experiment", i) == i:
