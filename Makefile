@@ -16,7 +16,7 @@ export MPLBACKEND := Agg
 export PYTHONHASHSEED := 0
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install book test lint format clean bench
+.PHONY: install book test lint format clean bench screenshot
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,22 @@ bench: install
 	$(PY) benchmarks/bench_data.py
 	$(PY) benchmarks/bench_model.py
 	$(PY) benchmarks/bench_prefix_cache.py
+
+# Headless-browser check of the site built by `make book` (not part of book / test):
+# screenshots SCREENSHOT_PAGES into _build/screenshots/ and fails on a blank or broken
+# page. Installs Debian's chromium with apt-get when no Chromium / Chrome is found.
+SITE_HTML        ?= _build/site-cpu/_build/html
+SCREENSHOT_PAGES ?= index.html notebooks/00_foundation_model_and_lora.html notebooks/02_single_site_baseline.html
+
+screenshot: install
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
+	  || command -v google-chrome >/dev/null 2>&1 || [ -n "$$CHROMIUM" ] \
+	  || { echo "installing chromium with apt-get"; \
+	       SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+	       $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; }
+	@test -f $(SITE_HTML)/index.html \
+	  || { echo "no site in $(SITE_HTML): run make book first"; exit 1; }
+	$(PY) docs/dev/screenshot_site.py $(SITE_HTML) $(SCREENSHOT_PAGES) --out _build/screenshots
 
 clean:
 	rm -rf _build .pytest_cache .ruff_cache

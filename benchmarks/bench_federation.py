@@ -3,10 +3,13 @@
 Side by side in one run (chapter ``notebooks/06_communication_analysis``):
 
 1. **Flower's share** — the same training (same methods, rounds, seeds) through the plain
-   in-process loop (:func:`medlora_lib.fl.run_inprocess`, no Flower) and through
-   :func:`medlora_lib.fl.simulate` (Flower Simulation Runtime, Ray); both wall times and
-   ``share = 1 - plain / flower``. The simulation's time is given with and without its
-   one-off start-up (Ray + actors), which several experiments in one call amortise.
+   in-process loop (:func:`medlora_lib.fl.run_inprocess`, no Flower, one client after the
+   other) and through :func:`medlora_lib.fl.simulate` (Flower Simulation Runtime, Ray);
+   both wall times and ``share = 1 - plain / flower``. The simulation runs twice: as
+   users run it (one client per CPU at a time) and with one client at a time like the
+   plain loop — the like-for-like orchestration share. Its time is given with and
+   without its one-off start-up (Ray + actors), which several experiments in one call
+   amortise.
 2. **Seconds per round and peak memory per method** — each method in its own fresh
    process through the in-process loop (peak RSS = the child's ``ru_maxrss``), and seconds
    per round inside the simulation.
@@ -32,15 +35,7 @@ from pathlib import Path
 
 import pandas as pd
 
-ALL = (
-    "local",
-    "centralized",
-    "fedavg_lora",
-    "ffa_lora",
-    "fedsa_lora",
-    "fedprox_lora",
-    "med_dual_lora",
-)
+from medlora_lib.experiments import ALL_METHODS as ALL  # noqa: E402
 
 
 def _config(profile: str, method: str, rounds: int | None, extra: list[str]):
@@ -142,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     # 1b + 2b + 3: the federated methods through Flower, all in ONE simulation
     sim_df = pd.DataFrame()
     flower_total = 0.0
+    flower_seq_total = flower_seq_exp = float("nan")
     if fed:
         cfgs = [_config(profile, m, rounds, extra) for m in fed]
         t0 = time.perf_counter()
@@ -170,6 +166,20 @@ def main(argv: list[str] | None = None) -> int:
             )
         sim_df = pd.DataFrame(rows).set_index("method")
 
+        # 1c: the same simulation with ONE client at a time (1 CPU for Ray), i.e. the
+        # plain loop's parallelism: the difference is orchestration alone
+        t0 = time.perf_counter()
+        seq = simulate(
+            cfgs,
+            verbose=False,
+            backend_config={
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "init_args": {"num_cpus": 1},
+            },
+        )
+        flower_seq_total = time.perf_counter() - t0
+        flower_seq_exp = float(sum(r.seconds for r in seq))
+
     table = plain_df.join(sim_df, how="left")
     for m in methods:
         if m not in fed:
@@ -190,6 +200,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{flower_total / plain_fed:.2f} (incl.), {flower_exp / plain_fed:.2f} (excl.); "
             f"orchestration share = {1 - plain_fed / flower_total:.0%} (incl.), "
             f"{1 - plain_fed / flower_exp:.0%} (excl.)"
+        )
+        print(
+            f"like for like (one client at a time in both): plain loop {plain_fed:.1f} s; "
+            f"simulate() {flower_seq_total:.1f} s incl. Ray start-up, "
+            f"{flower_seq_exp:.1f} s excl.; orchestration share = "
+            f"{1 - plain_fed / flower_seq_total:.0%} (incl.), "
+            f"{1 - plain_fed / flower_seq_exp:.0%} (excl.)"
         )
         steady_plain = float(plain_df.loc[fed, "plain_s_per_round"].mean())
         steady_flower = float(sim_df["flower_s_per_round"].mean())
@@ -217,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                     "table": json.loads(table.reset_index().to_json(orient="records")),
                     "flower_total_s": flower_total,
                     "plain_federated_total_s": plain_fed,
+                    "flower_one_client_at_a_time_total_s": flower_seq_total,
                 },
                 indent=2,
             )

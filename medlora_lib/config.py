@@ -185,8 +185,16 @@ class FedConfig:
     clients: Literal["vendor", "vendor+acdc"] = _help(
         "One client per vendor, or ACDC as its own fifth client.", default="vendor"
     )
+    exclude: tuple[str, ...] = _help(
+        "Clients left out of this experiment (e.g. a site that joins later; "
+        "medlora_lib.fl.newsite).",
+        default=(),
+    )
 
     def __post_init__(self) -> None:
+        if isinstance(self.exclude, str):
+            self.exclude = (self.exclude,) if self.exclude else ()
+        self.exclude = tuple(str(c) for c in self.exclude)
         _check(self.num_rounds >= 1, "fed.num_rounds", "must be >= 1")
         _check(self.proximal_mu >= 0, "fed.proximal_mu", "must be >= 0")
         _check(

@@ -27,6 +27,7 @@ __all__ = [
     "plot_probe_results",
     "plot_round_curves",
     "plot_method_bars",
+    "plot_method_curves",
 ]
 
 VENDOR_COLORS: dict[str, str] = {
@@ -294,5 +295,46 @@ def plot_method_bars(
     ax.set_xticks(x, groups)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel(f"{metric.replace('_', ' ')} (test)")
+    ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return fig, ax
+
+
+def plot_method_curves(
+    rounds: pd.DataFrame,
+    metric: str = "test_balanced_accuracy",
+    ax: Any = None,
+    methods: Sequence[str] | None = None,
+) -> tuple[Any, Any]:
+    """Per method: ``metric`` per round, mean over clients, then mean ± sd over seeds.
+
+    ``rounds`` is the concatenation of several runs' ``RunResult.rounds`` (columns
+    ``method``, ``seed``, ``round``, ``client`` and ``metric``). The band is ± one
+    standard deviation over seeds (training variability). Chapter
+    ``notebooks/03_fedavg_lora``.
+    """
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6.0, 3.6))
+    per_seed = (
+        rounds.groupby(["method", "seed", "round"], sort=False)[metric]
+        .mean()
+        .reset_index()
+    )
+    order = list(methods) if methods is not None else list(dict.fromkeys(rounds.method))
+    for method in order:
+        g = per_seed[per_seed["method"] == method]
+        if g.empty:
+            continue
+        s = g.groupby("round")[metric].agg(["mean", "std"]).sort_index()
+        color = METHOD_COLORS.get(str(method), "#bbbbbb")
+        ax.plot(s.index, s["mean"], color=color, lw=1.6, label=method)
+        ax.fill_between(
+            s.index,
+            s["mean"] - s["std"].fillna(0),
+            s["mean"] + s["std"].fillna(0),
+            color=color,
+            alpha=0.15,
+            lw=0,
+        )
+    ax.set_xlabel("round (× local epochs)")
+    ax.set_ylabel(metric.replace("_", " ") + " (mean over clients)")
     ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig, ax

@@ -65,3 +65,46 @@ def test_deployment_equals_simulation(two_vendor_data, tmp_path):
     pd.testing.assert_frame_equal(dep.rounds[cols], sim.rounds[cols])
     pd.testing.assert_frame_equal(dep.final, sim.final)
     assert (dep.rounds["bytes_up"] == sim.rounds["bytes_up"]).all()
+
+
+@pytest.mark.slow
+def test_medlora_deploy_cli_end_to_end(two_vendor_data, tmp_path, capsys):
+    """``medlora deploy`` (the command a user types): 2 SuperNodes, 2 rounds, results
+    written, and the metrics equal to the plain in-process loop for the same seed (the
+    second round exercises evaluation inside the next train message)."""
+    from medlora_lib.cli import main
+    from medlora_lib.fl.simulate import RunResult, prepare_specs, run_inprocess
+
+    out = tmp_path / "out"
+    args = [
+        "deploy",
+        "--method",
+        "fedavg_lora",
+        "--profile",
+        "smoke",
+        "--data",
+        str(two_vendor_data),
+        "--out",
+        str(out),
+        "--seed",
+        "5",
+        "--timeout",
+        "420",
+        "--quiet",
+        "--set",
+        'model.pretrained="none"',
+        "fed.num_rounds=2",
+        "train.num_threads=1",
+    ]
+    assert main(args) in (0, None)
+    printed = capsys.readouterr().out
+    assert "wrote" in printed and "results.json" in printed
+    dep = RunResult.load(out)
+    assert dep.provenance["runtime"] == "flower-deployment"
+    assert sorted(dep.rounds["round"].unique()) == [1, 2]
+    assert dep.comm["matches_closed_form"]
+    rows, _ = run_inprocess(prepare_specs([dep.config])[0], verbose=False)
+    plain = pd.DataFrame(rows)
+    np.testing.assert_allclose(dep.rounds["train_loss"], plain["train_loss"], rtol=1e-6)
+    for c in ("val_balanced_accuracy", "test_balanced_accuracy", "test_tp", "test_fn"):
+        np.testing.assert_array_equal(dep.rounds[c], plain[c])

@@ -19,9 +19,12 @@ from flwr.clientapp import ClientApp
 
 from medlora_lib.fl.task import ExperimentSpec, get_runtime
 
-__all__ = ["app", "PRIVATE_PREFIX"]
+__all__ = ["app", "PRIVATE_PREFIX", "PREV_EVAL_PREFIX"]
 
 PRIVATE_PREFIX = "private/"
+#: Prefix of the metrics of the previous round's model that a train reply carries
+#: (evaluation fused into the next round's train message; see ``MedloraFedAvg``).
+PREV_EVAL_PREFIX = "prev-eval/"
 
 app = ClientApp()
 
@@ -53,9 +56,21 @@ def _setup(msg: Message, context: Context, phase: str):
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Load global + private state, train locally, reply with the shared tensors only."""
+    """Load global + private state, train locally, reply with the shared tensors only.
+
+    With ``evaluate-first`` in the config (rounds after the first), the client first
+    evaluates the model it just received — the previous round's aggregate with its own
+    private part, exactly the model a separate evaluate message would carry — and adds
+    those metrics to the reply under :data:`PREV_EVAL_PREFIX`. That saves one message
+    round trip per round; the result is the same.
+    """
     spec, partition, rnd, rt, shared, private, key = _setup(msg, context, "train")
-    mu = float(msg.content["config"].get("proximal-mu", 0.0))
+    cfg = msg.content["config"]
+    mu = float(cfg.get("proximal-mu", 0.0))
+    prev_eval: dict[str, float] = {}
+    if bool(cfg.get("evaluate-first", False)):
+        ev = rt.evaluate_round(shared, private)[spec.clients[partition]]
+        prev_eval = {PREV_EVAL_PREFIX + k: float(v) for k, v in ev.items()}
     out = rt.train_round(shared, private, rnd, proximal_mu=mu)
     context.state[key] = ArrayRecord(out.private)
     if list(out.shared) != rt.shared_keys:  # never send anything but the shared part
@@ -68,6 +83,7 @@ def train(msg: Message, context: Context) -> Message:
             "partition-id": partition,
             "train-loss": out.train_loss,
             "train-seconds": out.seconds,
+            **prev_eval,
         }
     )
     content = RecordDict({"arrays": ArrayRecord(out.shared), "metrics": metrics})

@@ -60,7 +60,7 @@ __all__ = [
     "select_rounds",
 ]
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: final_shared.safetensors; fused evaluation
 DEFAULT_BACKEND_CONFIG: dict[str, Any] = {
     "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
     "init_args": {"num_cpus": 2},
@@ -95,6 +95,7 @@ class RunResult:
     failures: list[dict[str, Any]] = field(default_factory=list)
     messages: list[dict[str, Any]] = field(default_factory=list)
     exp_id: str = ""
+    final_shared: dict[str, torch.Tensor] | None = None
 
     @property
     def method(self) -> str:
@@ -126,6 +127,18 @@ class RunResult:
         out = Path(out_dir)
         write_json(out / "results.json", self.to_json_dict())
         write_table(out / "rounds.csv", self.rounds)
+        if self.final_shared:
+            from safetensors.torch import save_file
+
+            tmp = out / "final_shared.safetensors.tmp"
+            save_file(
+                {
+                    k: v.detach().cpu().contiguous()
+                    for k, v in self.final_shared.items()
+                },
+                str(tmp),
+            )
+            tmp.replace(out / "final_shared.safetensors")
         return out
 
     @classmethod
@@ -135,6 +148,11 @@ class RunResult:
 
         out = Path(out_dir)
         d = read_json(out / "results.json")
+        state = None
+        if (out / "final_shared.safetensors").exists():
+            from safetensors.torch import load_file
+
+            state = load_file(str(out / "final_shared.safetensors"))
         return cls(
             config=ExperimentConfig.from_dict(d["config"]),
             provenance=d["provenance"],
@@ -144,6 +162,7 @@ class RunResult:
             seconds=float(d["seconds"]),
             failures=d.get("failures", []),
             exp_id=d.get("exp_id", ""),
+            final_shared=state,
         )
 
 
@@ -202,6 +221,7 @@ def build_result(
     messages: list[dict[str, Any]] | None = None,
     exp_id: str = "",
     runtime: str = "simulation",
+    final_shared: dict[str, torch.Tensor] | None = None,
 ) -> RunResult:
     """Assemble a :class:`RunResult` from per-round × per-client rows (any runtime)."""
     from medlora_lib.comm import closed_form_bytes
@@ -328,6 +348,7 @@ def build_result(
         failures=list(failures or []),
         messages=list(messages or []),
         exp_id=exp_id,
+        final_shared=final_shared,
     )
 
 
@@ -377,8 +398,18 @@ def prepare_specs(
         validate_config(cfg)
         data_dir = resolve_data_dir(cfg, verbose=False)
         names = client_names(data_dir, cfg.fed.clients)
+        unknown = [c for c in cfg.fed.exclude if c not in names]
+        if unknown:
+            raise ConfigError(
+                f"config field `fed.exclude`: {unknown} are not clients of {data_dir} "
+                f"(clients: {names})"
+            )
+        names = [n for n in names if n not in cfg.fed.exclude]
         if len(names) < 1:
-            raise ConfigError(f"{data_dir}: the manifest lists no client")
+            raise ConfigError(
+                f"{data_dir}: no client left to train (the manifest lists none, or "
+                "`fed.exclude` removes them all)"
+            )
         exp_id = f"{i}-{cfg.method}-s{cfg.seed}-{config_hash(cfg, 6)}"
         fail = None
         if inject_failure and inject_failure.get("experiment", i) == i:
@@ -397,9 +428,12 @@ def prepare_specs(
 
 # ------------------------------------------------------------------------------ in-process
 def run_inprocess(
-    spec: ExperimentSpec, verbose: bool = True
-) -> tuple[list[dict[str, Any]], float]:
+    spec: ExperimentSpec, verbose: bool = True, return_state: bool = False
+) -> Any:
     """The plain in-process loop (no Flower) for any method; returns rows and seconds.
+
+    With ``return_state=True`` also the final shared state (the last aggregate; for
+    ``centralized`` the pooled model's trainable shared tensors).
 
     ``local`` and ``centralized`` always run here. For a federated method it runs the same
     training and sample-weighted aggregation as the Flower apps — the benchmark's reference
@@ -444,13 +478,11 @@ def run_inprocess(
                     "train_seconds": outs[i].seconds,
                 }
                 if federated:
-                    row.update(
-                        {
-                            "bytes_down": nbytes,
-                            "bytes_up": nbytes,
-                            "bytes_down_eval": nbytes,
-                        }
-                    )
+                    # as the Flower apps: evaluation rides on the next train message,
+                    # only the last round downloads the global model for evaluation
+                    row.update({"bytes_down": nbytes, "bytes_up": nbytes})
+                    if rnd == cfg.fed.num_rounds:
+                        row["bytes_down_eval"] = nbytes
                 row.update(m)
                 row["elapsed_s"] = elapsed
                 rows.append(row)
@@ -462,6 +494,8 @@ def run_inprocess(
                         flush=True,
                     )
     rows.sort(key=lambda r: (r["round"], r["partition"]))
+    if return_state:
+        return rows, time.perf_counter() - t0, shared
     return rows, time.perf_counter() - t0
 
 
@@ -594,9 +628,14 @@ def simulate(
     ]
     local = [(c, s) for c, s in todo if (c, s) not in flower]
     for cfg, spec in local:
-        rows, secs = run_inprocess(spec, verbose)
+        rows, secs, state = run_inprocess(spec, verbose, return_state=True)
         results[spec.exp_id] = build_result(
-            cfg, rows, secs, exp_id=spec.exp_id, runtime="inprocess"
+            cfg,
+            rows,
+            secs,
+            exp_id=spec.exp_id,
+            runtime="inprocess",
+            final_shared=state if cfg.method != "local" else None,
         )
     if flower:
         # one simulation per number of clients (a SuperNode per client, none idle)
@@ -614,6 +653,7 @@ def simulate(
                 o["messages"],
                 exp_id=spec.exp_id,
                 runtime="flower-simulation",
+                final_shared=o.get("final_shared"),
             )
     for cfg, spec in todo:
         if cacheable:

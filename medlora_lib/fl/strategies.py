@@ -13,7 +13,14 @@ things:
 * ``aggregate_evaluate`` keeps every client's validation / test metrics as its own row;
 * every message sent and received is summarised in a log (record types, keys, bytes) —
   the privacy test reads it — and clients that fail are recorded, the round going on with
-  the others.
+  the others;
+* with ``fused_evaluation`` (the default) the per-round evaluation rides on the next
+  round's train message: the model a client receives at the start of round r+1 *is* the
+  round-r aggregate, so it evaluates that (with its private part) before training and
+  returns the metrics with its training reply. Only the last round sends evaluate
+  messages. Same numbers as a separate evaluate step (tested against the plain loop),
+  half the message round trips, and one download of the global model per round instead
+  of two.
 
 FedProx-LoRA uses the same class with ``proximal_mu > 0``: like Flower's ``FedProx`` it only
 adds ``proximal-mu`` to the train config; the client adds the proximal term.
@@ -29,6 +36,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
 from medlora_lib.comm import payload_bytes, record_summary, wire_bytes
+from medlora_lib.fl.client_app import PREV_EVAL_PREFIX
 
 __all__ = ["MedloraFedAvg"]
 
@@ -54,6 +62,9 @@ class MedloraFedAvg(FedAvg):
         proximal_mu: FedProx coefficient sent as ``proximal-mu`` (0 = FedAvg).
         record_messages: keep a summary of every message (types, keys, bytes).
         verbose: print one progress line per client and round.
+        client_names: client names in partition order (for rows and progress lines).
+        fused_evaluation: evaluate round r inside round r+1's train message (only the
+            last round sends evaluate messages).
     """
 
     def __init__(
@@ -65,6 +76,7 @@ class MedloraFedAvg(FedAvg):
         record_messages: bool = False,
         verbose: bool = True,
         client_names: list[str] | None = None,
+        fused_evaluation: bool = True,
     ) -> None:
         super().__init__(
             fraction_train=1.0,
@@ -79,6 +91,7 @@ class MedloraFedAvg(FedAvg):
         self.record_messages = record_messages
         self.verbose = verbose
         self.client_names = client_names or []
+        self.fused_evaluation = fused_evaluation
         self.rows: dict[tuple[int, int], dict[str, Any]] = {}
         self.failures: list[dict[str, Any]] = []
         self.messages: list[dict[str, Any]] = []
@@ -167,6 +180,7 @@ class MedloraFedAvg(FedAvg):
     ) -> Iterable[Message]:
         if self.proximal_mu > 0:
             config["proximal-mu"] = self.proximal_mu
+        config["evaluate-first"] = self.fused_evaluation and server_round > 1
         msgs = list(super().configure_train(server_round, arrays, config, grid))
         for m in msgs:
             self._log("down", "train", server_round, m)
@@ -209,6 +223,17 @@ class MedloraFedAvg(FedAvg):
             states.append(arrays.to_torch_state_dict())
             weights.append(float(metrics[self.weighted_by_key]))
             losses.append(float(metrics["train-loss"]))
+            prev = {
+                k[len(PREV_EVAL_PREFIX) :]: v
+                for k, v in metrics.items()
+                if k.startswith(PREV_EVAL_PREFIX)
+            }
+            if prev:
+                self._record_eval(server_round - 1, part, prev, None)
+        elapsed = time.perf_counter() - self.t0
+        for m in valid:
+            metrics = next(iter(m.content.metric_records.values()))
+            self._row(server_round, int(metrics["partition-id"]))["elapsed_s"] = elapsed
         agg = aggregate_shared(states, weights)
         mean = MetricRecord({"train-loss": sum(losses) / len(losses)})
         return ArrayRecord(agg), mean
@@ -217,10 +242,31 @@ class MedloraFedAvg(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any
     ) -> Iterable[Message]:
+        if self.fused_evaluation and server_round < self.num_rounds:
+            return []  # evaluated inside the next round's train message
         msgs = list(super().configure_evaluate(server_round, arrays, config, grid))
         for m in msgs:
             self._log("down", "evaluate", server_round, m)
         return msgs
+
+    def _record_eval(
+        self, rnd: int, part: int, metrics: Any, bytes_down: int | None
+    ) -> None:
+        row = self._row(rnd, part)
+        if bytes_down is not None:
+            row["bytes_down_eval"] = bytes_down
+        for k, v in metrics.items():
+            if k in ("partition-id", "num-examples"):
+                continue
+            row[k] = float(v)
+        if self.verbose:
+            print(
+                f"[{self.exp_id}] round {rnd}/{self.num_rounds} "
+                f"{row['client']:>8s}  loss {row.get('train_loss', float('nan')):.4f}"
+                f"  val BA {row.get('val_balanced_accuracy', float('nan')):.3f}"
+                f"  ({row.get('elapsed_s', time.perf_counter() - self.t0):.1f} s)",
+                flush=True,
+            )
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -228,30 +274,14 @@ class MedloraFedAvg(FedAvg):
         valid = self._split("evaluate", server_round, replies)
         if not valid:
             return None
-        elapsed = time.perf_counter() - self.t0
         vals = []
         for m in valid:
             metrics = next(iter(m.content.metric_records.values()))
             part = int(metrics["partition-id"])
             node = int(m.metadata.src_node_id)
-            row = self._row(server_round, part)
-            row["bytes_down_eval"] = self._down.get(
-                ("evaluate", server_round, node), {}
-            ).get("payload", 0)
-            for k, v in metrics.items():
-                if k in ("partition-id", "num-examples"):
-                    continue
-                row[k] = float(v)
-            row["elapsed_s"] = elapsed
+            down = self._down.get(("evaluate", server_round, node), {})
+            self._record_eval(server_round, part, metrics, down.get("payload", 0))
             vals.append(float(metrics.get("val_balanced_accuracy", float("nan"))))
-            if self.verbose:
-                print(
-                    f"[{self.exp_id}] round {server_round}/{self.num_rounds} "
-                    f"{row['client']:>8s}  loss {row.get('train_loss', float('nan')):.4f}"
-                    f"  val BA {row.get('val_balanced_accuracy', float('nan')):.3f}"
-                    f"  ({elapsed:.1f} s)",
-                    flush=True,
-                )
         finite = [v for v in vals if v == v]
         return MetricRecord(
             {"val_balanced_accuracy": sum(finite) / len(finite) if finite else 0.0}

@@ -1,0 +1,94 @@
+"""The book's shared experiments: one definition, reused by every chapter through the cache.
+
+Chapters ``notebooks/03_fedavg_lora`` (runs the main comparison), ``04_med_dual_lora``,
+``05_block_ablation`` and ``06_communication_analysis`` (read it back).
+
+:func:`comparison_configs` builds the configs of the **main comparison** — every method
+of :data:`ALL_METHODS` × several seeds, on the same data, model, budget, optimiser, class
+weighting and selection rule — and :func:`run_comparison` runs them through
+:func:`medlora_lib.fl.simulate` with ``use_cache=True`` (all federated runs inside one
+Flower simulation, ``local`` / ``centralized`` in-process). A later chapter that calls
+:func:`run_comparison` with the same arguments reads the cached results in seconds instead
+of training again. ``seed`` seeds the adapters' initialisation and the batch order; the data
+set and its splits are fixed by ``data.synth_seed`` (or are the real data), so seeds measure
+training variability on the same test subjects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from medlora_lib.config import ExperimentConfig, get_config
+from medlora_lib.errors import ConfigError
+
+__all__ = [
+    "ALL_METHODS",
+    "BASELINES",
+    "DEFAULT_SEEDS",
+    "comparison_configs",
+    "run_comparison",
+]
+
+#: Every method of the book, in the order tables and figures show them.
+ALL_METHODS: tuple[str, ...] = (
+    "local",
+    "centralized",
+    "fedavg_lora",
+    "ffa_lora",
+    "fedsa_lora",
+    "fedprox_lora",
+    "med_dual_lora",
+)
+#: What Med-DualLoRA is compared against (``centralized`` is a reference, not a rival).
+BASELINES: tuple[str, ...] = (
+    "local",
+    "fedavg_lora",
+    "ffa_lora",
+    "fedsa_lora",
+    "fedprox_lora",
+)
+#: Seeds of the main comparison at the ``cpu`` profile (at least five, for the statistics).
+DEFAULT_SEEDS: tuple[int, ...] = (0, 1, 2, 3, 4)
+
+
+def comparison_configs(
+    profile: str = "cpu",
+    methods: Iterable[str] = ALL_METHODS,
+    seeds: Iterable[int] = DEFAULT_SEEDS,
+    overrides: Mapping[str, Any] | Sequence[str] | None = None,
+) -> list[ExperimentConfig]:
+    """Configs of ``methods`` × ``seeds``, identical in everything else.
+
+    Raises:
+        ConfigError: no method or no seed, or an invalid override / method.
+    """
+    methods, seeds = list(methods), [int(s) for s in seeds]
+    if not methods or not seeds:
+        raise ConfigError(
+            "comparison_configs: give at least one method and one seed "
+            f"(got methods={methods}, seeds={seeds})"
+        )
+    ov: Any = dict(overrides) if isinstance(overrides, Mapping) else overrides
+    return [
+        get_config(profile, overrides=ov, method=m, seed=s)
+        for s in seeds
+        for m in methods
+    ]
+
+
+def run_comparison(
+    profile: str = "cpu",
+    methods: Iterable[str] = ALL_METHODS,
+    seeds: Iterable[int] = DEFAULT_SEEDS,
+    overrides: Mapping[str, Any] | Sequence[str] | None = None,
+    verbose: bool = False,
+) -> list[Any]:
+    """Run (or read back from the cache) the comparison; one ``RunResult`` per config.
+
+    The order is that of :func:`comparison_configs` (seed-major, then method).
+    """
+    from medlora_lib.fl import simulate
+
+    configs = comparison_configs(profile, methods, seeds, overrides)
+    return list(simulate(configs, use_cache=True, verbose=verbose))

@@ -1,0 +1,147 @@
+"""A new site joins a finished Med-DualLoRA federation (chapter ``notebooks/07_beyond_the_paper``).
+
+The question: a hospital that was not part of the federation (here: one vendor held out
+with ``fed.exclude``) receives the learned **global** adapter (and the shared head). What
+does it get
+
+* **zero-shot** — deploying the global adapter as it is (its local adapter is still zero);
+* **join** — training only its own **local** adapter (and the head) on top of the frozen
+  global adapter, with the same budget (rounds × local epochs), optimiser, class weighting
+  and validation-based selection as every method of the book;
+
+compared with training alone (``local``)? :func:`join_new_site` runs the join through the
+same :class:`~medlora_lib.fl.task.ClientRuntime` as every other method, so the data, the
+prefix cache and the evaluation are identical; the global adapter's tensors are frozen
+(``requires_grad=False``) and checked unchanged at the end.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from medlora_lib.config import ExperimentConfig
+from medlora_lib.errors import ConfigError
+
+__all__ = ["join_new_site"]
+
+
+def _is_global_lora(name: str) -> bool:
+    from medlora_lib.adapters import GLOBAL_ADAPTER
+
+    return f".lora_A.{GLOBAL_ADAPTER}." in name or f".lora_B.{GLOBAL_ADAPTER}." in name
+
+
+def join_new_site(
+    federation: Any,
+    newcomer: str,
+    verbose: bool = False,
+) -> tuple[Any, dict[str, float]]:
+    """Let ``newcomer`` join the finished federation ``federation``.
+
+    Args:
+        federation: the :class:`~medlora_lib.fl.simulate.RunResult` of a ``med_dual_lora``
+            run whose config left ``newcomer`` out (``fed.exclude``); it must hold the
+            final global state (``final_shared``; every run of :func:`simulate` does).
+        newcomer: the client name (e.g. ``"Canon"``).
+        verbose: print one line per round.
+
+    Returns:
+        ``(result, zero_shot)``: a ``RunResult`` of the newcomer's join training (method
+        ``med_dual_lora``, one client; ``exp_id`` ``join-<newcomer>``), and the
+        newcomer's metrics of the global adapter alone before any local training.
+
+    Raises:
+        ConfigError: the federation is not Med-DualLoRA, has no final state, or did not
+            leave ``newcomer`` out.
+    """
+    from medlora_lib.fl.simulate import build_result, prepare_specs
+    from medlora_lib.fl.task import ClientRuntime, ExperimentSpec
+
+    cfg: ExperimentConfig = federation.config
+    if cfg.method != "med_dual_lora":
+        raise ConfigError(
+            f"join_new_site: the federation ran {cfg.method!r}; a site can join with its "
+            "own local adapter only on a med_dual_lora federation"
+        )
+    if newcomer not in cfg.fed.exclude:
+        raise ConfigError(
+            f"join_new_site: {newcomer!r} took part in the federation; run the "
+            f"federation with `fed.exclude=[{newcomer!r}]` first"
+        )
+    if not federation.final_shared:
+        raise ConfigError(
+            "join_new_site: the federation's result holds no final global state "
+            "(final_shared); rerun it with medlora_lib.fl.simulate"
+        )
+    join_cfg = ExperimentConfig.from_dict(
+        {**cfg.to_dict(), "fed": {**cfg.to_dict()["fed"], "exclude": []}}
+    )
+    spec_all = prepare_specs([join_cfg])[0]
+    if newcomer not in spec_all.clients:
+        raise ConfigError(
+            f"join_new_site: {newcomer!r} is not a client of {spec_all.data_dir} "
+            f"(clients: {spec_all.clients})"
+        )
+    spec = ExperimentSpec(
+        exp_id=f"join-{newcomer}",
+        config=spec_all.config,
+        data_dir=spec_all.data_dir,
+        clients=spec_all.clients,
+    )
+    partition = spec.clients.index(newcomer)
+    t0 = time.perf_counter()
+    rt = ClientRuntime.build(spec, partition)
+    frozen = []
+    for name, p in rt.model.named_parameters():
+        if _is_global_lora(name):
+            p.requires_grad_(False)
+            frozen.append(name)
+    if not frozen:
+        raise ConfigError("join_new_site: the model has no global adapter to freeze")
+    shared = {k: v.clone() for k, v in federation.final_shared.items()}
+    zero_shot = rt.evaluate_round(shared, None)[newcomer]
+    private = None
+    rows = []
+    for rnd in range(1, join_cfg.fed.num_rounds + 1):
+        out = rt.train_round(shared, private, rnd)
+        shared, private = out.shared, out.private  # head trained; global LoRA frozen
+        metrics = rt.evaluate_round(shared, private)[newcomer]
+        rows.append(
+            {
+                "round": rnd,
+                "partition": partition,
+                "client": newcomer,
+                "train_loss": out.train_loss,
+                "num_examples": out.num_examples,
+                "train_seconds": out.seconds,
+                **metrics,
+                "elapsed_s": time.perf_counter() - t0,
+            }
+        )
+        if verbose:
+            print(
+                f"[join {newcomer}] round {rnd}/{join_cfg.fed.num_rounds} loss "
+                f"{out.train_loss:.4f} val BA {metrics['val_balanced_accuracy']:.3f}",
+                flush=True,
+            )
+    changed = [
+        k
+        for k, v in federation.final_shared.items()
+        if _is_global_lora(k) and not torch.equal(v, shared[k])
+    ]
+    if changed:
+        raise RuntimeError(
+            f"join_new_site: the frozen global adapter changed: {changed}"
+        )
+    result = build_result(
+        join_cfg,
+        rows,
+        time.perf_counter() - t0,
+        exp_id=spec.exp_id,
+        runtime="inprocess",
+        final_shared=shared,
+    )
+    return result, zero_shot
