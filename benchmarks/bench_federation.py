@@ -47,20 +47,11 @@ def _config(profile: str, method: str, rounds: int | None, extra: list[str]):
     return get_config(profile, overrides=overrides, method=method)
 
 
-def _steady_s_per_round(rows: pd.DataFrame) -> float:
-    """Median seconds between consecutive rounds (round 1 also pays the set-up)."""
-    el = rows.groupby("round")["elapsed_s"].max().sort_index()
-    d = el.diff().dropna()
-    return (
-        float(d.median()) if len(d) else float(el.iloc[0]) if len(el) else float("nan")
-    )
-
-
 def _inprocess_child(args: tuple) -> dict:
     """Run methods one after the other in this (fresh) process through the plain loop."""
     profile, methods, rounds, extra = args
     import medlora_lib.adapters  # noqa: F401  (imports outside the timing)
-    from medlora_lib.fl.simulate import prepare_specs, run_inprocess
+    from medlora_lib.fl.simulate import build_result, prepare_specs, run_inprocess
 
     out = {}
     t0 = time.perf_counter()
@@ -70,7 +61,7 @@ def _inprocess_child(args: tuple) -> dict:
         rows, secs = run_inprocess(spec, verbose=False)
         out[method] = {
             "plain_s": secs,
-            "plain_s_per_round": _steady_s_per_round(pd.DataFrame(rows)),
+            "plain_s_per_round": build_result(cfg, rows, secs).seconds_per_round(),
         }
     total = time.perf_counter() - t0
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -152,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "method": r.method,
                     "flower_s": r.seconds,
-                    "flower_s_per_round": _steady_s_per_round(r.rounds),
+                    "flower_s_per_round": r.seconds_per_round(),
                     "bytes_up_client_round": ups[0] if len(ups) == 1 else ups,
                     "closed_form_bytes": cf,
                     "bytes_round_all_clients": (ups[0] if ups else 0) * n_clients * 2,

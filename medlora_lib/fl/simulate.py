@@ -101,6 +101,18 @@ class RunResult:
     def method(self) -> str:
         return self.config.method
 
+    def seconds_per_round(self) -> float:
+        """Median wall-clock seconds between consecutive rounds (steady state).
+
+        Round 1 also pays one-off costs (a simulation's actors importing torch, the
+        prefix cache), so it is left out; with a single round its time is returned.
+        """
+        if "elapsed_s" not in self.rounds or self.rounds["elapsed_s"].isna().all():
+            return float("nan")
+        el = self.rounds.groupby("round")["elapsed_s"].max().sort_index()
+        d = el.diff().dropna()
+        return float(d.median()) if len(d) else float(el.iloc[0])
+
     def selected(self, variant: str = "deployed") -> pd.DataFrame:
         """Test metrics per client at the validation-selected round."""
         f = self.final
