@@ -143,7 +143,42 @@ def assemble_site(executed_dir: Path, site_src: Path) -> Path:
     timings = executed_dir / "timings.json"
     if timings.exists():
         shutil.copy2(timings, site_src / "book" / "timings.json")
+    (site_src / "book" / "timings_table.md").write_text(timings_table(timings))
     return site_src
+
+
+def timings_table(timings_json: Path) -> str:
+    """The Markdown table of this build's notebook timings (included by the appendix).
+
+    Written into the site sources at every build from ``timings.json``, so the
+    reproducibility appendix shows what *this* build measured, on *this* machine.
+    """
+    import platform
+
+    if not timings_json.exists():
+        return "*No timings recorded: the notebooks were not executed by this build.*\n"
+    data = json.loads(timings_json.read_text())
+    secs = data.get("seconds", {})
+    gpu = "no GPU"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    except Exception:  # noqa: BLE001 - the table must not break the build
+        pass
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {gpu}"
+    built = time.strftime("%Y-%m-%d", time.gmtime(timings_json.stat().st_mtime))
+    lines = [
+        f"Profile `{data.get('profile', '?')}`, built {built} on {machine} "
+        f"(Python {platform.python_version()}).",
+        "",
+        "| notebook | seconds |",
+        "|---|---:|",
+    ]
+    lines += [f"| `{name}` | {sec:.0f} |" for name, sec in secs.items()]
+    lines.append(f"| **all notebooks** | **{sum(secs.values()):.0f}** |")
+    return "\n".join(lines) + "\n"
 
 
 def build_site(site_src: Path, strict: bool = True) -> Path:

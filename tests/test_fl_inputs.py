@@ -119,6 +119,13 @@ def test_cache_reuses_a_run(data_dir, capsys, monkeypatch, tmp_path):
     b = simulate(cfg, use_cache=True, verbose=True)
     assert "cached" in capsys.readouterr().out
     pd.testing.assert_frame_equal(a.final, b.final, check_dtype=False)
+    # a change to the code that computes a run makes the cached result stale
+    import medlora_lib.fl.simulate as sim
+
+    before = cache_path(cfg, data_dir)
+    monkeypatch.setattr(sim, "_code_fingerprint", lambda: "changed-code")
+    assert cache_path(cfg, data_dir) != before
+    assert not (cache_path(cfg, data_dir) / "results.json").exists()
 
 
 def test_cli_run_writes_results(data_dir, tmp_path):

@@ -216,3 +216,16 @@ def test_pretraining_pool_is_disjoint_and_preprocessed():
     assert not np.array_equal(images[0], images[1])
     again = next(syn.pretraining_pool(1, cfg))
     assert np.array_equal(again, images[0])
+
+
+def test_make_synthetic_with_two_workers_writes_the_same_bytes(tmp_path):
+    """``resolve_data_dir`` generates full-size sets with 2 processes: same data."""
+    cfg = _cfg(subjects_per_vendor={v: 3 for v in VENDORS}, image_size=(24, 24, 8))
+    one = syn.make_synthetic(tmp_path / "one", cfg, workers=1)
+    two = syn.make_synthetic(tmp_path / "two", cfg, workers=2)
+    m1, m2 = pd.read_csv(one / "manifest.csv"), pd.read_csv(two / "manifest.csv")
+    pd.testing.assert_frame_equal(m1, m2)
+    for rel in m1["path"]:
+        with np.load(one / rel) as a, np.load(two / rel) as b:
+            assert np.array_equal(a["image"], b["image"])
+            assert np.array_equal(a["label"], b["label"])

@@ -382,12 +382,43 @@ def _weights_fingerprint(cfg: ExperimentConfig) -> str:
     return p
 
 
+#: Library sources whose code decides a run's numbers: a change to any of them makes
+#: earlier cached runs stale (they are then recomputed, never silently reused).
+_RESULT_CODE = (
+    "adapters.py",
+    "metrics.py",
+    "pipeline.py",
+    "train.py",
+    "data/dataset.py",
+    "fl/client_app.py",
+    "fl/strategies.py",
+    "fl/task.py",
+    "models/convvit.py",
+    "models/prefix_cache.py",
+)
+
+
+def _code_fingerprint() -> str:
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for rel in _RESULT_CODE:
+        h.update(rel.encode())
+        h.update((root / rel).read_bytes())
+    return h.hexdigest()[:12]
+
+
 def cache_path(cfg: ExperimentConfig, data_dir: str | Path) -> Path:
-    """Where ``simulate(..., use_cache=True)`` keeps the result of ``cfg``."""
+    """Where ``simulate(..., use_cache=True)`` keeps the result of ``cfg``.
+
+    The key holds the config, the data folder, the weights file and a fingerprint of
+    the library code that computes a run (:data:`_RESULT_CODE`), so a code change never
+    serves a stale cached result.
+    """
     key = {
         "config": cfg.to_dict(),
         "data_dir": str(data_dir),
         "weights": _weights_fingerprint(cfg),
+        "code": _code_fingerprint(),
         "version": CACHE_VERSION,
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
