@@ -91,7 +91,9 @@ def resolve_data_dir(cfg: ExperimentConfig, verbose: bool = True) -> Path:
         # two processes halve the generation of a full-size set; for a small set the
         # start-up of a worker pool costs more than it saves (same bytes either way)
         workers = min(2, os.cpu_count() or 1) if scfg.scale >= 0.5 else 1
-        make_synthetic(path, scfg, layout="preprocessed", overwrite=True, workers=workers)
+        make_synthetic(
+            path, scfg, layout="preprocessed", overwrite=True, workers=workers
+        )
         if verbose:
             print(
                 f"generated synthetic data in {path} ({time.perf_counter() - t0:.1f} s)"

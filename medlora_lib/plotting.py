@@ -28,6 +28,7 @@ __all__ = [
     "plot_round_curves",
     "plot_method_bars",
     "plot_method_curves",
+    "plot_paired_differences",
 ]
 
 VENDOR_COLORS: dict[str, str] = {
@@ -337,4 +338,39 @@ def plot_method_curves(
     ax.set_xlabel("round (× local epochs)")
     ax.set_ylabel(metric.replace("_", " ") + " (mean over clients)")
     ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return fig, ax
+
+
+def plot_paired_differences(
+    table: pd.DataFrame, ax: Any = None, label: str | None = None
+) -> tuple[Any, Any]:
+    """Forest plot of paired differences (reference − baseline) with their intervals.
+
+    ``table`` is :func:`medlora_lib.stats.paired_comparison`'s output (columns
+    ``baseline``, ``mean_diff``, ``ci_low``, ``ci_high``, ``verdict``). A filled marker
+    is a difference that survives the multiple-comparison correction. Chapter
+    ``notebooks/04_med_dual_lora``.
+    """
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5.5, 3.2))
+    y = np.arange(len(table))[::-1]
+    for yi, (_, row) in zip(y, table.iterrows(), strict=True):
+        color = METHOD_COLORS.get(str(row["baseline"]), "#444444")
+        significant = row["verdict"] != "no significant difference"
+        ax.errorbar(
+            row["mean_diff"],
+            yi,
+            xerr=[
+                [row["mean_diff"] - row["ci_low"]],
+                [row["ci_high"] - row["mean_diff"]],
+            ],
+            fmt="o",
+            color=color,
+            mfc=color if significant else "white",
+            capsize=3,
+        )
+    ax.axvline(0, color="grey", lw=1, ls="--")
+    ax.set_yticks(y, [f"vs {b}" for b in table["baseline"]])
+    ref = str(table["reference"].iloc[0]) if "reference" in table and len(table) else ""
+    metric = str(table["metric"].iloc[0]) if "metric" in table and len(table) else ""
+    ax.set_xlabel(label or f"{ref} − baseline, {metric.replace('_', ' ')}")
     return fig, ax
