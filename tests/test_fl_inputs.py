@@ -120,7 +120,11 @@ def test_cache_reuses_a_run(data_dir, capsys, monkeypatch, tmp_path):
     assert "cached" in capsys.readouterr().out
     pd.testing.assert_frame_equal(a.final, b.final, check_dtype=False)
     # a change to the code that computes a run makes the cached result stale
-    import medlora_lib.fl.simulate as sim
+    import importlib
+
+    sim = importlib.import_module(
+        "medlora_lib.fl.simulate"
+    )  # the module, not the function
 
     before = cache_path(cfg, data_dir)
     monkeypatch.setattr(sim, "_code_fingerprint", lambda: "changed-code")
