@@ -22,6 +22,7 @@ Results are cached under ``default_cache_dir()/runs/`` by config (``use_cache=Tr
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -378,8 +379,19 @@ def _weights_fingerprint(cfg: ExperimentConfig) -> str:
         path = Path(p).expanduser()
     if path is not None and path.exists():
         st = path.stat()
-        return f"{p}:{st.st_size}:{int(st.st_mtime)}"
+        return f"{p}:{_file_digest(str(path.resolve()), st.st_size, st.st_mtime_ns)}"
     return p
+
+
+@functools.lru_cache(maxsize=16)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """SHA-256 of a weights file (content, not time stamps: a fresh clone or a copy of
+    the same weights hits the same cached runs); memoised per file version."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 #: Library sources whose code decides a run's numbers: a change to any of them makes
