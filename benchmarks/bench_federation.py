@@ -51,7 +51,11 @@ def _inprocess_child(args: tuple) -> dict:
     """Run methods one after the other in this (fresh) process through the plain loop."""
     profile, methods, rounds, extra = args
     import medlora_lib.adapters  # noqa: F401  (imports outside the timing)
-    from medlora_lib.fl.simulate import build_result, prepare_specs, run_inprocess
+    from medlora_lib.fl.simulate import (
+        prepare_specs,
+        run_inprocess,
+        steady_seconds_per_round,
+    )
 
     out = {}
     t0 = time.perf_counter()
@@ -61,7 +65,7 @@ def _inprocess_child(args: tuple) -> dict:
         rows, secs = run_inprocess(spec, verbose=False)
         out[method] = {
             "plain_s": secs,
-            "plain_s_per_round": build_result(cfg, rows, secs).seconds_per_round(),
+            "plain_s_per_round": steady_seconds_per_round(pd.DataFrame(rows)),
         }
     total = time.perf_counter() - t0
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

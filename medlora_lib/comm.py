@@ -18,7 +18,13 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["payload_bytes", "wire_bytes", "record_summary", "closed_form_bytes"]
+__all__ = [
+    "payload_bytes",
+    "wire_bytes",
+    "record_summary",
+    "closed_form_bytes",
+    "bytes_table",
+]
 
 
 def payload_bytes(record: Any) -> int:
@@ -76,3 +82,50 @@ def closed_form_bytes(config: Any, bytes_per_value: int = 4) -> dict[str, int]:
         "trainable_params": int(cf["trainable"]),
         "private_params": int(cf["private"]),
     }
+
+
+def bytes_table(results: Any) -> Any:
+    """Measured bytes next to the closed form, one row per federated method.
+
+    Chapters ``03_fedavg_lora``, ``04_med_dual_lora`` and ``06_communication_analysis``.
+    ``results`` are ``RunResult`` objects; the first run of each federated method is read
+    (every seed of a method sends the same tensors). Methods that send no adapter
+    (``local``, ``centralized``) are left out.
+
+    Returns:
+        A ``pandas.DataFrame`` indexed by method: shared parameters, the closed-form
+        bytes per client and direction, the measured payload up / down and the
+        serialised size up per client and round, whether they agree, and the whole run's
+        traffic (all clients, up + down, MB).
+    """
+    import pandas as pd
+
+    from medlora_lib.adapters import METHODS
+
+    def one(values: list[int]) -> Any:
+        return values[0] if len(values) == 1 else values
+
+    rows, seen = [], set()
+    for r in results:
+        if r.method in seen or not METHODS[r.method].federated:
+            continue
+        seen.add(r.method)
+        cf = closed_form_bytes(r.config)
+        rows.append(
+            {
+                "method": r.method,
+                "shared params": cf["shared_params"],
+                "closed form (B)": cf["shared_bytes"],
+                "measured up (B)": one(r.comm["bytes_up_per_client_round"]),
+                "measured down (B)": one(r.comm["bytes_down_per_client_round"]),
+                "serialised up (B)": one(
+                    r.comm.get("wire_bytes_up_per_client_round") or []
+                ),
+                "measured = closed form": bool(r.comm["matches_closed_form"]),
+                "whole run, all clients (MB)": (
+                    r.comm["total_bytes_up"] + r.comm["total_bytes_down"]
+                )
+                / 1e6,
+            }
+        )
+    return pd.DataFrame(rows).set_index("method")

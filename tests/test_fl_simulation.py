@@ -167,3 +167,16 @@ def test_failing_client_is_recorded_and_round_completes(runs):
     r2 = r.rounds[r.rounds["round"] == 2]
     assert r2["train_loss"].notna().all()  # next round: everyone again
     assert len(r.selected()) == 6
+
+
+def test_bytes_table_reads_the_measured_bytes(runs):
+    from medlora_lib.comm import bytes_table
+
+    results, _ = runs
+    table = bytes_table(results.values())
+    assert list(table.index) == list(dict.fromkeys(r.method for r in results.values()))
+    for method, row in table.iterrows():
+        r = next(r for r in results.values() if r.method == method)
+        assert row["measured up (B)"] == closed_form_bytes(r.config)["shared_bytes"]
+        assert row["measured = closed form"]
+        assert row["serialised up (B)"] > row["measured up (B)"]

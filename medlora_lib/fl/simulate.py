@@ -59,6 +59,7 @@ __all__ = [
     "DEFAULT_BACKEND_CONFIG",
     "default_backend_config",
     "select_rounds",
+    "steady_seconds_per_round",
 ]
 
 CACHE_VERSION = 2  # 2: final_shared.safetensors; fused evaluation
@@ -103,16 +104,8 @@ class RunResult:
         return self.config.method
 
     def seconds_per_round(self) -> float:
-        """Median wall-clock seconds between consecutive rounds (steady state).
-
-        Round 1 also pays one-off costs (a simulation's actors importing torch, the
-        prefix cache), so it is left out; with a single round its time is returned.
-        """
-        if "elapsed_s" not in self.rounds or self.rounds["elapsed_s"].isna().all():
-            return float("nan")
-        el = self.rounds.groupby("round")["elapsed_s"].max().sort_index()
-        d = el.diff().dropna()
-        return float(d.median()) if len(d) else float(el.iloc[0])
+        """Steady-state seconds per round (:func:`steady_seconds_per_round`)."""
+        return steady_seconds_per_round(self.rounds)
 
     def selected(self, variant: str = "deployed") -> pd.DataFrame:
         """Test metrics per client at the validation-selected round."""
@@ -177,6 +170,19 @@ class RunResult:
             exp_id=d.get("exp_id", ""),
             final_shared=state,
         )
+
+
+def steady_seconds_per_round(rounds: pd.DataFrame) -> float:
+    """Median wall-clock seconds between consecutive rounds of per-round rows.
+
+    Round 1 also pays one-off costs (a simulation's actors importing torch, the prefix
+    cache), so it is left out; with a single round its time is returned.
+    """
+    if "elapsed_s" not in rounds or rounds["elapsed_s"].isna().all():
+        return float("nan")
+    el = rounds.groupby("round")["elapsed_s"].max().sort_index()
+    d = el.diff().dropna()
+    return float(d.median()) if len(d) else float(el.iloc[0])
 
 
 # ------------------------------------------------------------------------------ assembly
