@@ -78,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default="cpu", choices=["smoke", "cpu"])
     ap.add_argument("--out", type=Path, default=ASSETS / "small_fm.safetensors")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--depth",
+        type=int,
+        default=None,
+        help="encoder blocks (default: the 'small' size's, CineMA's 12)",
+    )
     args = ap.parse_args(argv)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
 
@@ -96,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     cfg = SynthConfig.for_profile(args.profile)
-    model = build_mae("small", image_size=cfg.image_size)
+    overrides = {} if args.depth is None else {"depth": args.depth}
+    model = build_mae("small", image_size=cfg.image_size, **overrides)
     model.train()
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]

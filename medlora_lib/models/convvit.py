@@ -62,7 +62,7 @@ SIZES: dict[str, dict[str, Any]] = {
     },
     "small": {
         "embed_dim": 96,
-        "depth": 6,
+        "depth": 12,
         "num_heads": 3,
         "conv_chans": (16, 32),
     },
@@ -717,7 +717,7 @@ def build_convvit(
     """Build a ConvViT of a named size; every number can be overridden.
 
     Args:
-        size: ``"small"`` (96 wide, 6 blocks, 3 heads, conv [16, 32]) or ``"base"``
+        size: ``"small"`` (96 wide, 12 blocks, 3 heads, conv [16, 32]) or ``"base"``
             (CineMA: 768, 12, 12, [64, 128]).
         image_size: (H, W, D) input size.
         in_frames: input channels (2 = ED + ES).
