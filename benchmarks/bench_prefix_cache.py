@@ -1,7 +1,7 @@
 """Benchmark: one training epoch with the full forward vs with the frozen-prefix cache.
 
 Chapter ``notebooks/05_block_ablation``. At the ``cpu`` profile (small ConvViT, 48x48x8,
-batch 16), with LoRA on the last 2 of 6 blocks (Med-DualLoRA), times one epoch of
+batch 16), with LoRA on the last 2 of 12 blocks (Med-DualLoRA), times one epoch of
 forward + backward + AdamW over N subjects
 
 * through the full model (``model(x)``), and
@@ -11,7 +11,7 @@ forward + backward + AdamW over N subjects
 Inputs are random volumes in [0, 1] of the model's input shape: the cost of a forward pass
 does not depend on the values. Run::
 
-    .venv/bin/python benchmarks/bench_prefix_cache.py            # cpu profile, ~1-2 min
+    .venv/bin/python benchmarks/bench_prefix_cache.py            # cpu profile, ~10 s
     .venv/bin/python benchmarks/bench_prefix_cache.py --subjects 64 --device cuda
 """
 

@@ -360,7 +360,7 @@ def test_trainable_counts_match_closed_form(method, blocks, targets, head):
 
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_closed_form_on_real_convvit_small(method):
-    """Full 'small' size (96 wide, 6 blocks), default 'last2' attention targets, rank 8."""
+    """Full 'small' size (96 wide, 12 blocks), default 'last2' attention targets, rank 8."""
     from medlora_lib.models import build_convvit
 
     model = build_convvit("small", image_size=(16, 16, 4))
