@@ -14,9 +14,15 @@ from medlora_lib.errors import CheckpointError
 from medlora_lib.models import build_convvit, build_mae, load_convvit, load_pretrained
 from medlora_lib.models import checkpoint as ckpt_mod
 from medlora_lib.models.checkpoint import FIRST_CONV, drop_reason, save_convvit
+from medlora_lib.models.convvit import SIZES
 
 FIX = Path(__file__).parent / "fixtures" / "cinema"
 IMG = (32, 32, 4)
+#: encoder tensors a CineMA checkpoint fills in the 'small' ConvViT: 14 per block (norm1,
+#: attn.q, attn.kv, attn.proj, norm2, mlp.fc1, mlp.fc2; weight and bias each) and 77
+#: outside the blocks (stem, patch embedding, fusion, CLS token, final norms), the
+#: first convolution included; the fixed positional embedding is not among them
+N_ENC = 14 * SIZES["small"]["depth"] + 77
 
 
 def convvit(**kw):
@@ -85,7 +91,7 @@ def test_load_cinema_format_mae(tmp_path: Path) -> None:
     assert rep.loaded == [
         k for k in enc if k not in (FIRST_CONV, "enc_down_dict.sax.pos_embed")
     ]
-    assert len(rep.loaded) == 160
+    assert len(rep.loaded) == N_ENC - 1  # all but the tiled first conv
     assert rep.missing == [
         "enc_down_dict.sax.pos_embed",
         "pred_head_dict.sax.weight",
@@ -101,7 +107,9 @@ def test_load_cinema_format_mae(tmp_path: Path) -> None:
     for k, v in heads_before.items():
         assert torch.equal(msd[k], v)
     text = str(rep)
-    assert "loaded    160" in text and "adapted   1" in text and "lax_4c" in text
+    assert (
+        f"loaded    {N_ENC - 1}" in text and "adapted   1" in text and "lax_4c" in text
+    )
 
 
 def test_freeze_and_encoder_only_file(tmp_path: Path) -> None:
@@ -110,7 +118,7 @@ def test_freeze_and_encoder_only_file(tmp_path: Path) -> None:
     path = write(tmp_path, mae.encoder_state_dict(), "enc.safetensors")
     model = convvit()
     rep = load_pretrained(model, path, freeze=True)
-    assert rep.frozen and rep.n_loaded == 161
+    assert rep.frozen and rep.n_loaded == N_ENC
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable == [
         "pred_head_dict.sax.weight",
@@ -125,7 +133,7 @@ def test_pt_checkpoint_with_model_key(tmp_path: Path) -> None:
     p = tmp_path / "ckpt.pt"
     torch.save({"model": sd, "epoch": 3}, p)
     rep = load_pretrained(convvit(), p)
-    assert rep.n_loaded == 161 and len(rep.missing) == 5
+    assert rep.n_loaded == N_ENC and len(rep.missing) == 5
 
 
 def test_shape_mismatch_names_first_key(tmp_path: Path) -> None:
@@ -219,7 +227,7 @@ def test_hub_uses_cached_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake)
     rep = load_pretrained(convvit(), "hub")
-    assert rep.n_loaded == 161
+    assert rep.n_loaded == N_ENC
     assert calls[0][:2] == ("mathpluscode/CineMA", "pretrained/cinema.safetensors")
 
 
@@ -229,7 +237,7 @@ def test_small_fm_source(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Non
         load_pretrained(convvit(), "small")
     p = write(tmp_path, cinema_format_mae_state(), "small_fm.safetensors")
     monkeypatch.setattr(ckpt_mod, "SMALL_FM_PATH", p)
-    assert load_pretrained(convvit(), "default").n_loaded == 161
+    assert load_pretrained(convvit(), "default").n_loaded == N_ENC
 
 
 def test_bad_sources(tmp_path: Path) -> None:

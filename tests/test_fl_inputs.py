@@ -41,7 +41,7 @@ def test_unknown_profile_is_refused():
         ("adapter.lora_rank=-2", "lora_rank"),
         ('adapter.adapted_blocks="last0"', "adapts no block"),
         ("adapter.adapted_blocks=[]", "no block"),
-        ("adapter.adapted_blocks=[7]", "out of range"),
+        ("adapter.adapted_blocks=[12]", "out of range"),
     ],
 )
 def test_bad_adapter_config_is_refused_before_start(data_dir, override, match):
