@@ -251,3 +251,19 @@ def test_bad_sources(tmp_path: Path) -> None:
     corrupt.write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="cannot read"):
         load_pretrained(convvit(), corrupt)
+
+
+@pytest.mark.parametrize(("file_depth", "model_depth"), [(2, 3), (3, 2)])
+def test_depth_mismatch_names_the_depth_to_build(
+    tmp_path: Path, file_depth: int, model_depth: int
+) -> None:
+    """Too few blocks (missing keys) or too many (unexpected keys): the error says which
+    depth the checkpoint has and how to build a model that takes it."""
+    path = write(tmp_path, build_mae("small", IMG, depth=file_depth).state_dict())
+    with pytest.raises(CheckpointError) as err:
+        load_pretrained(convvit(depth=model_depth), path)
+    msg = str(err.value)
+    assert f"{file_depth} transformer blocks in the checkpoint" in msg
+    assert f"{model_depth} in the model" in msg and f"depth={file_depth}" in msg
+    # and the suggested build loads it
+    assert load_pretrained(convvit(depth=file_depth), path).n_loaded > 0

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,6 +228,27 @@ def _shape_error(path: Path, key: str, got: Any, want: Any) -> CheckpointError:
     )
 
 
+_BLOCK_KEY = re.compile(r"^encoder\.blocks\.(\d+)\.")
+
+
+def _n_blocks(keys: Any) -> int:
+    """Transformer blocks named in a state dict's keys (highest index + 1; 0 if none)."""
+    found = [int(m.group(1)) for k in keys if (m := _BLOCK_KEY.match(k))]
+    return max(found) + 1 if found else 0
+
+
+def _depth_hint(ckpt_keys: Any, target_keys: Any) -> str:
+    """The fix when a checkpoint and the model differ in depth ("" otherwise)."""
+    have, want = _n_blocks(ckpt_keys), _n_blocks(target_keys)
+    if not have or not want or have == want:
+        return ""
+    return (
+        f" [depth: {have} transformer blocks in the checkpoint, {want} in the model; "
+        f"build the model with depth={have}, e.g. build_convvit(size, image_size, "
+        f"depth={have}); the embedded 'small' FM and CineMA-base have 12]"
+    )
+
+
 def load_pretrained(
     model: nn.Module,
     source: str | os.PathLike[str],
@@ -274,6 +296,7 @@ def load_pretrained(
             f"checkpoint {path} has {len(unexpected)} unexpected key(s) that this model "
             f"does not have: {unexpected[:10]}; is it a CineMA "
             f"{'ConvViT' if finetuned else 'MAE'} checkpoint of the same architecture?"
+            + _depth_hint(kept, target)
         )
     # shapes are checked in the model's state-dict order, so "first" is well defined
     # whatever order the file stores its keys in (safetensors sorts them)
@@ -319,6 +342,7 @@ def load_pretrained(
                 if not finetuned
                 else " from an MAE file (this one is a fine-tuned ConvViT, loaded strictly)"
             )
+            + _depth_hint(kept, target)
         )
     with torch.no_grad():
         incompatible = model.load_state_dict(state, strict=False)
