@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from medlora_lib.adapters import METHODS
 from medlora_lib.config import ExperimentConfig, get_config
 from medlora_lib.errors import ConfigError
 
@@ -30,16 +31,8 @@ __all__ = [
     "run_comparison",
 ]
 
-#: Every method of the book, in the order tables and figures show them.
-ALL_METHODS: tuple[str, ...] = (
-    "local",
-    "centralized",
-    "fedavg_lora",
-    "ffa_lora",
-    "fedsa_lora",
-    "fedprox_lora",
-    "med_dual_lora",
-)
+#: Every method of the book, in the order tables and figures show them: the registry's.
+ALL_METHODS: tuple[str, ...] = tuple(METHODS)
 #: What Med-DualLoRA is compared against (``centralized`` is a reference, not a rival).
 BASELINES: tuple[str, ...] = (
     "local",

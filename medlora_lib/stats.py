@@ -89,6 +89,26 @@ def _ordered_methods(methods: Iterable[Any]) -> list[str]:
     return known + sorted(present - set(known))
 
 
+def _names(value: str | Iterable[str]) -> list[str]:
+    """One name or several, as a list."""
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _require_present(
+    value: str | Iterable[str], present: Iterable[str], message: str
+) -> list[str]:
+    """:func:`_names` of ``value``, each of them in ``present``.
+
+    Raises:
+        ConfigError: ``message`` with ``{absent}`` filled by the names not present.
+    """
+    names, present = _names(value), set(present)
+    absent = [n for n in names if n not in present]
+    if absent:
+        raise ConfigError(message.replace("{absent}", str(absent)))
+    return names
+
+
 def _check_confidence(confidence: float, name: str = "confidence") -> None:
     if not 0 < float(confidence) < 1:
         raise ConfigError(
@@ -251,7 +271,7 @@ def seed_summary(
         ConfigError: unknown level, missing metric column, bad confidence, or several
             rows for one (method, seed, client).
     """
-    metrics = [metrics] if isinstance(metrics, str) else list(metrics)
+    metrics = _names(metrics)
     _check_confidence(confidence)
     _check_columns(frame, ["method", "seed", "client", *metrics], "seed_summary")
     rows = _rows_at_level(frame, level, "seed_summary")
@@ -450,13 +470,12 @@ def paired_comparison(
     if baselines is None:
         baselines = [m for m in _ordered_methods(methods) if m != reference]
     else:
-        baselines = [baselines] if isinstance(baselines, str) else list(baselines)
-        absent = [b for b in baselines if b not in methods]
-        if absent:
-            raise ConfigError(
-                f"{caller}: baseline(s) {absent} have no per-vendor row; methods in the "
-                f"frame: {_ordered_methods(methods)}"
-            )
+        baselines = _require_present(
+            baselines,
+            methods,
+            f"{caller}: baseline(s) {{absent}} have no per-vendor row; methods in the "
+            f"frame: {_ordered_methods(methods)}",
+        )
         if reference in baselines:
             raise ConfigError(f"{caller}: {reference!r} is both reference and baseline")
     if not baselines:
@@ -628,19 +647,18 @@ def paper_table(
             f"paper_table: level={level!r}; expected 'mean' or 'pooled' (one row per "
             "method). Use seed_summary(..., level='client') for per-vendor numbers"
         )
-    metrics = [metrics] if isinstance(metrics, str) else list(metrics)
+    metrics = _names(metrics)
     summary = seed_summary(frame, metrics, level=level, confidence=confidence)
     present = _ordered_methods(summary["method"].unique())
     if order is None:
         order = present
     else:
-        order = [order] if isinstance(order, str) else list(order)
-        absent = [m for m in order if m not in present]
-        if absent:
-            raise ConfigError(
-                f"paper_table: order names {absent}, which the frame does not hold "
-                f"(methods present: {present})"
-            )
+        order = _require_present(
+            order,
+            present,
+            "paper_table: order names {absent}, which the frame does not hold "
+            f"(methods present: {present})",
+        )
     lookup = summary.set_index(["method", "metric"])
     mb = {str(k): float(v) for k, v in mb_per_round.items()}
     rows = []

@@ -9,16 +9,19 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import typing
 from dataclasses import dataclass
 
 import pytest
 import torch
 from torch import nn
 
+from medlora_lib import experiments
 from medlora_lib.adapters import (
     KNOWN_TARGETS,
     METHODS,
     AdapterConfig,
+    MethodName,
     aggregate_shared,
     apply_adapters,
     closed_form_lora_params,
@@ -701,6 +704,8 @@ def test_methods_table():
         "fedprox_lora",
         "med_dual_lora",
     }
+    # the type of a method name, the registry and the book's order are one list
+    assert typing.get_args(MethodName) == tuple(METHODS) == experiments.ALL_METHODS
     row = df.set_index("method").loc["med_dual_lora"]
     assert bool(row["local adapter"]) and "global" in row["sent to the server"]
     assert df["reference"].str.len().min() > 0

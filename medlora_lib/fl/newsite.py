@@ -17,6 +17,7 @@ prefix cache and the evaluation are identical; the global adapter's tensors are 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -58,7 +59,7 @@ def join_new_site(
             leave ``newcomer`` out.
     """
     from medlora_lib.fl.simulate import build_result, prepare_specs
-    from medlora_lib.fl.task import ClientRuntime, ExperimentSpec
+    from medlora_lib.fl.task import ClientRuntime
 
     cfg: ExperimentConfig = federation.config
     if cfg.method != "med_dual_lora":
@@ -85,12 +86,7 @@ def join_new_site(
             f"join_new_site: {newcomer!r} is not a client of {spec_all.data_dir} "
             f"(clients: {spec_all.clients})"
         )
-    spec = ExperimentSpec(
-        exp_id=f"join-{newcomer}",
-        config=spec_all.config,
-        data_dir=spec_all.data_dir,
-        clients=spec_all.clients,
-    )
+    spec = dataclasses.replace(spec_all, exp_id=f"join-{newcomer}")
     partition = spec.clients.index(newcomer)
     t0 = time.perf_counter()
     rt = ClientRuntime.build(spec, partition)

@@ -416,7 +416,10 @@ _RESULT_CODE = (
 )
 
 
+@functools.lru_cache(maxsize=1)
 def _code_fingerprint() -> str:
+    """Hash of :data:`_RESULT_CODE`, read once per process: the code this process runs
+    was imported from those files, so one read per cache key would only repeat it."""
     root = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
     for rel in _RESULT_CODE:
