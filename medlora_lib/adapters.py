@@ -63,6 +63,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from medlora_lib.config import LORA_TARGETS, AdapterSection
 from medlora_lib.errors import CheckpointError, ConfigError
 
 __all__ = [
@@ -87,6 +88,7 @@ __all__ = [
     "parameter_roles",
     "proximal_term",
     "resolve_adapted_blocks",
+    "save_local_adapter",
     "set_private_state",
     "set_shared_state",
     "shared_bytes",
@@ -96,7 +98,7 @@ __all__ = [
 
 GLOBAL_ADAPTER = "global"
 LOCAL_ADAPTER = "local"
-KNOWN_TARGETS = ("attn.q", "attn.kv", "attn.proj", "mlp.fc1", "mlp.fc2")
+KNOWN_TARGETS = LORA_TARGETS
 ADAPTER_INFO_ATTR = "_medlora_adapter_info"
 
 MethodName = Literal[
@@ -139,6 +141,8 @@ class MethodSpec:
     aggregation: str
     description: str
     reference: str
+    proximal: bool = False  # the client adds FedProx's term mu/2 ||w - w_t||^2
+    pooled: bool = False  # one model on every site's data (no federation)
 
     @property
     def has_local_adapter(self) -> bool:
@@ -176,6 +180,7 @@ METHODS: dict[str, MethodSpec] = {
         aggregation="none (one model)",
         description="One model on the pooled data: privacy-infeasible upper reference.",
         reference="pooled baseline",
+        pooled=True,
     ),
     "fedavg_lora": MethodSpec(
         name="fedavg_lora",
@@ -228,6 +233,7 @@ METHODS: dict[str, MethodSpec] = {
         aggregation="sample-weighted mean of A and of B (as FedAvg)",
         description="FedAvg-LoRA with a proximal term against client drift.",
         reference="Li et al., FedProx (MLSys 2020) applied to LoRA",
+        proximal=True,
     ),
     "med_dual_lora": MethodSpec(
         name="med_dual_lora",
@@ -383,56 +389,18 @@ def first_adapted_block(config: AdapterConfig, depth: Any) -> int:
 
 
 @dataclass
-class AdapterConfig:
+class AdapterConfig(AdapterSection):
     """LoRA adapter settings (chapter ``notebooks/00_foundation_model_and_lora``).
 
-    Validated on creation; the block indices are checked against the model's depth when the
-    adapters are applied (:func:`resolve_adapted_blocks`).
+    The fields and defaults of :class:`medlora_lib.config.AdapterSection` (the
+    experiment's ``adapter`` section) plus the ``method``. Validated on creation; the
+    block indices are checked against the model's depth when the adapters are applied
+    (:func:`resolve_adapted_blocks`).
     """
 
     method: MethodName = field(
         default="med_dual_lora",
         metadata={"help": "Federated method, one of METHODS (see methods_table())."},
-    )
-    lora_rank: int = field(
-        default=8, metadata={"help": "Rank r of every LoRA adapter (the global one)."}
-    )
-    lora_alpha: float = field(
-        default=16.0,
-        metadata={"help": "LoRA scaling alpha; the update is (alpha/r)·B·A."},
-    )
-    lora_dropout: float = field(
-        default=0.0, metadata={"help": "Dropout on the LoRA branch input, in [0, 1)."}
-    )
-    adapted_blocks: str | tuple[int, ...] = field(
-        default="last2",
-        metadata={
-            "help": "Transformer blocks that get LoRA: 'all', 'lastK', 'firstK' or a list of "
-            "indices (negative allowed). The paper's efficient variant uses 'last2'."
-        },
-    )
-    target_modules: tuple[str, ...] = field(
-        default=("attn.q", "attn.kv", "attn.proj"),
-        metadata={"help": f"Linears inside each adapted block, among {KNOWN_TARGETS}."},
-    )
-    head: HeadPolicy = field(
-        default="auto",
-        metadata={
-            "help": "Classification heads (pred_head_dict.sax / .cls): 'shared' = trained and "
-            "sent with the shared tensors, 'private' = trained, kept at the client, 'frozen' = "
-            "not trained. 'auto' = the method's default (shared, except 'local': private)."
-        },
-    )
-    train_final_norms: bool = field(
-        default=False,
-        metadata={
-            "help": "Also train encoder.norm and the fusion norm(s); they then follow the "
-            "head policy. Frozen by default."
-        },
-    )
-    local_lora_rank: int | None = field(
-        default=None,
-        metadata={"help": "Rank of med_dual_lora's local adapter (None = lora_rank)."},
     )
 
     def __post_init__(self) -> None:
@@ -661,6 +629,24 @@ def apply_adapters(
     object.__setattr__(peft_model, ADAPTER_INFO_ATTR, info)
     enforce_trainability(peft_model)
     return peft_model
+
+
+def save_local_adapter(model: nn.Module, out_dir: Any) -> list[str]:
+    """Write the adapters that stay at the site in PEFT's own format.
+
+    ``PeftModel.save_pretrained(out_dir, selected_adapters=[...])`` for the private
+    adapter(s) of the method (Med-DualLoRA's and ``local``'s ``local`` adapter):
+    ``adapter_config.json`` + ``adapter_model.safetensors`` per adapter, loadable with
+    ``PeftModel.load_adapter``. Chapter ``book/deployment.md``.
+
+    Returns:
+        The adapter names written (empty when the method keeps no local adapter).
+    """
+    info = adapter_info(model)
+    names = [a for a in info.adapters if a == LOCAL_ADAPTER]
+    if names:
+        model.save_pretrained(str(out_dir), selected_adapters=names)
+    return names
 
 
 def adapter_info(model: nn.Module) -> AdapterInfo:

@@ -5,7 +5,9 @@
 - ``medlora config [--profile P] [--set section.field=value ...]``
 - ``medlora book [--profile P]``
 - ``medlora run --method M --profile P [--data DIR] [--out DIR] [--seed N] [--set k=v ...]``
-- ``medlora deploy --method M --profile P [--data DIR] [--out DIR] [--work-dir DIR] ...``
+- ``medlora deploy --method M --profile P [--data DIR] [--out DIR] [--work-dir DIR] [--tls] ...``
+- ``medlora split-sites DATA_DIR OUT_DIR [--partition-by vendor|centre|vendor+acdc]``
+- ``medlora export STATE_DIR OUT_DIR [--run KEY] [--which best|last]``
 
 Every user mistake ends with a one-paragraph ``error:`` message and exit status 2,
 never a traceback. Explained in the book: ``book/real_data.md``.
@@ -94,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser(
         "deploy",
         help="run one experiment on Flower's Deployment Runtime (SuperLink + one "
-        "SuperNode per vendor on loopback)",
+        "SuperNode per site on loopback, a thin launcher around `flwr run .`)",
     )
     _add_run_args(d)
     d.add_argument(
@@ -109,6 +111,37 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--timeout", type=float, default=3600.0, help="seconds before giving up"
     )
+    d.add_argument(
+        "--tls",
+        action="store_true",
+        help="TLS between every process (a CA and certificates made for the run)",
+    )
+    d.add_argument(
+        "--supernode-auth",
+        action="store_true",
+        help="SuperNode authentication (a registered ECDSA key pair per site)",
+    )
+
+    ss = sub.add_parser(
+        "split-sites", help="write one prepared folder per site (one per SuperNode)"
+    )
+    ss.add_argument("data_dir", type=Path)
+    ss.add_argument("out_dir", type=Path)
+    ss.add_argument(
+        "--partition-by", default="vendor", choices=["vendor", "centre", "vendor+acdc"]
+    )
+    ss.add_argument("--overwrite", action="store_true")
+
+    e = sub.add_parser(
+        "export",
+        help="write the model a site uses (global + local adapter + head) as PEFT "
+        "adapter folders",
+    )
+    e.add_argument("state_dir", type=Path, help="the SuperNode's state-dir")
+    e.add_argument("out_dir", type=Path)
+    e.add_argument("--run", default=None, help="run key (default: the newest run)")
+    e.add_argument("--which", default="best", choices=["best", "last"])
+    e.add_argument("--overwrite", action="store_true")
 
     b = sub.add_parser("book", help="execute the notebooks and build the site")
     _add_profile(b)
@@ -117,11 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
+    from medlora_lib.adapters import METHODS
+
     p.add_argument(
         "--method",
         required=True,
-        help="local, centralized, fedavg_lora, ffa_lora, fedsa_lora, fedprox_lora, "
-        "med_dual_lora",
+        choices=list(METHODS),
+        help="one of the book's methods (medlora_lib.adapters.METHODS)",
     )
     _add_profile(p)
     p.add_argument("--data", type=Path, default=None, help="prepared data folder")
@@ -129,6 +164,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--set", nargs="*", default=[], metavar="SECTION.FIELD=VALUE")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing result in --out"
+    )
 
 
 def _run_config(args: argparse.Namespace):
@@ -144,8 +182,18 @@ def _run_config(args: argparse.Namespace):
 def _cmd_run(args: argparse.Namespace, deploy: bool = False) -> None:
     from medlora_lib.config import config_hash
 
+    from medlora_lib.errors import ConfigError
+
     cfg = _run_config(args)
     out = args.out or Path("runs") / f"{cfg.method}-{config_hash(cfg, 8)}"
+    # refuse a bad --out before any training, not after
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder for the results")
+    if (out / "results.json").exists() and not args.overwrite:
+        raise ConfigError(
+            f"--out {out} already holds a result; pass --overwrite to replace it or "
+            "choose another folder"
+        )
     t0 = time.perf_counter()
     if deploy:
         from medlora_lib.fl.deploy import deploy as run_deploy
@@ -156,6 +204,8 @@ def _cmd_run(args: argparse.Namespace, deploy: bool = False) -> None:
             work_dir=args.work_dir,
             timeout=args.timeout,
             verbose=not args.quiet,
+            tls=args.tls,
+            supernode_auth=args.supernode_auth,
         )
     else:
         from medlora_lib.fl import simulate
@@ -228,6 +278,24 @@ def main(argv: list[str] | None = None) -> int:
             _cmd_run(args)
         elif args.command == "deploy":
             _cmd_run(args, deploy=True)
+        elif args.command == "split-sites":
+            from medlora_lib.fl.sites import split_into_sites
+
+            for site, path in split_into_sites(
+                args.data_dir, args.out_dir, args.partition_by, overwrite=args.overwrite
+            ).items():
+                print(f"{site}: {path}")
+        elif args.command == "export":
+            from medlora_lib.fl.export import export_site_model
+
+            path = export_site_model(
+                args.state_dir,
+                args.out_dir,
+                run_key=args.run,
+                which=args.which,
+                overwrite=args.overwrite,
+            )
+            print(f"wrote {path}")
         elif args.command == "book":
             from medlora_lib.bookrun import main as book_main
 
@@ -235,6 +303,13 @@ def main(argv: list[str] | None = None) -> int:
     except MedloraError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "interrupted: every Flower process was stopped; a federated run keeps its "
+            "last checkpoint and resumes when started again with the same settings",
+            file=sys.stderr,
+        )
+        return 130
     return 0
 
 

@@ -26,8 +26,16 @@ __all__ = [
     "ModelConfig",
     "TrainConfig",
     "FedConfig",
+    "AdapterSection",
+    "RunOptions",
     "ExperimentConfig",
+    "LORA_TARGETS",
+    "OPERATIONAL_KEYS",
     "get_config",
+    "to_run_config",
+    "from_run_config",
+    "run_config_defaults",
+    "flat_key",
     "config_hash",
     "default_cache_dir",
 ]
@@ -178,30 +186,148 @@ class TrainConfig:
 
 @dataclass
 class FedConfig:
-    """Federation: rounds and method-specific knobs."""
+    """Federation: rounds, sites, fault tolerance and method-specific knobs."""
 
     num_rounds: int = _help("Communication rounds.", default=20)
     proximal_mu: float = _help("FedProx proximal weight μ.", default=0.01)
-    clients: Literal["vendor", "vendor+acdc"] = _help(
-        "One client per vendor, or ACDC as its own fifth client.", default="vendor"
+    partition_by: Literal["vendor", "centre", "vendor+acdc"] = _help(
+        "Simulation: how one prepared folder is split into sites: one site per "
+        "`vendor` (the paper's setting), per `centre` (M&Ms has several hospitals "
+        "per vendor) or per vendor with ACDC as its own site (`vendor+acdc`). In a "
+        "deployment each SuperNode's `data-path` holds one site.",
+        default="vendor",
     )
     exclude: tuple[str, ...] = _help(
-        "Clients left out of this experiment (e.g. a site that joins later; "
+        "Sites left out of this experiment (e.g. a site that joins later; "
         "medlora_lib.fl.newsite).",
         default=(),
+    )
+    min_sites: int = _help(
+        "Fewest sites a round needs; a round goes on with the sites that answered "
+        "in time as long as at least this many did.",
+        default=2,
+    )
+    num_sites: int = _help(
+        "Sites the server waits for before round 1 (0 = every connected SuperNode "
+        "that holds a site).",
+        default=0,
+    )
+    round_timeout: float = _help(
+        "Seconds the server waits for the sites' replies in a round before going on "
+        "without the missing ones.",
+        default=900.0,
+    )
+    connect_timeout: float = _help(
+        "Seconds the server waits for enough sites (fed.num_sites, at least "
+        "fed.min_sites) to connect before giving up with a clear error.",
+        default=120.0,
     )
 
     def __post_init__(self) -> None:
         if isinstance(self.exclude, str):
-            self.exclude = (self.exclude,) if self.exclude else ()
+            self.exclude = tuple(s for s in self.exclude.split(",") if s)
         self.exclude = tuple(str(c) for c in self.exclude)
         _check(self.num_rounds >= 1, "fed.num_rounds", "must be >= 1")
         _check(self.proximal_mu >= 0, "fed.proximal_mu", "must be >= 0")
         _check(
-            self.clients in ("vendor", "vendor+acdc"),
-            "fed.clients",
-            "choose `vendor` or `vendor+acdc`",
+            self.partition_by in ("vendor", "centre", "vendor+acdc"),
+            "fed.partition_by",
+            f"unknown value {self.partition_by!r}; choose `vendor`, `centre` or "
+            "`vendor+acdc`",
         )
+        _check(self.min_sites >= 1, "fed.min_sites", "must be >= 1")
+        _check(self.num_sites >= 0, "fed.num_sites", "must be >= 0 (0 = all)")
+        _check(self.round_timeout > 0, "fed.round_timeout", "must be > 0 seconds")
+        _check(self.connect_timeout > 0, "fed.connect_timeout", "must be > 0 seconds")
+
+
+#: The linears of a CineMA block that LoRA can adapt.
+LORA_TARGETS = ("attn.q", "attn.kv", "attn.proj", "mlp.fc1", "mlp.fc2")
+
+
+@dataclass
+class AdapterSection:
+    """LoRA settings of an experiment (``ExperimentConfig.adapter``).
+
+    The one source of the adapter defaults: :class:`medlora_lib.adapters.AdapterConfig`
+    is this section plus the method, and validates every value (chapter
+    ``notebooks/00_foundation_model_and_lora``).
+    """
+
+    lora_rank: int = _help("Rank r of every LoRA adapter (the global one).", default=8)
+    lora_alpha: float = _help(
+        "LoRA scaling alpha; the update is (alpha/r)·B·A.", default=16.0
+    )
+    lora_dropout: float = _help(
+        "Dropout on the LoRA branch input, in [0, 1).", default=0.0
+    )
+    adapted_blocks: str | tuple[int, ...] = _help(
+        "Transformer blocks that get LoRA: 'all', 'lastK', 'firstK' or a list of "
+        "indices (negative allowed). The paper's efficient variant uses 'last2'.",
+        default="last2",
+    )
+    target_modules: tuple[str, ...] = _help(
+        f"Linears inside each adapted block, among {LORA_TARGETS}.",
+        default=("attn.q", "attn.kv", "attn.proj"),
+    )
+    head: Literal["auto", "shared", "private", "frozen"] = _help(
+        "Classification heads (pred_head_dict.sax / .cls): 'shared' = trained and "
+        "sent with the shared tensors, 'private' = trained, kept at the client, "
+        "'frozen' = not trained. 'auto' = the method's default (shared, except "
+        "'local': private).",
+        default="auto",
+    )
+    train_final_norms: bool = _help(
+        "Also train encoder.norm and the fusion norm(s); they then follow the head "
+        "policy. Frozen by default.",
+        default=False,
+    )
+    local_lora_rank: int | None = _help(
+        "Rank of med_dual_lora's local adapter (None = lora_rank).", default=None
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.adapted_blocks, list):
+            self.adapted_blocks = tuple(self.adapted_blocks)
+        if isinstance(self.target_modules, str):
+            self.target_modules = tuple(
+                t.strip() for t in self.target_modules.split(",") if t.strip()
+            )
+        self.target_modules = tuple(self.target_modules)
+
+
+@dataclass
+class RunOptions:
+    """How one run is carried out; not part of the experiment (never hashed).
+
+    Read from the run config's ``run.*`` keys (``--run-config "run.dir='/srv/x'"``).
+    """
+
+    dir: str = _help(
+        "The server's run folder (checkpoints, results). Empty: "
+        "<cache>/runs/flwr/<method>-<config hash>.",
+        default="",
+    )
+    resume: Literal["auto", "never", "require"] = _help(
+        "`auto`: continue from the run folder's last completed round when it holds "
+        "a checkpoint of the same configuration; `never`: refuse a folder that holds "
+        "one; `require`: refuse to start without one.",
+        default="auto",
+    )
+    record_messages: bool = _help(
+        "Keep a summary (record types, keys, bytes) of every message.", default=False
+    )
+    state_dir: str = _help(
+        "Simulation only: the folder under which every virtual site keeps its state "
+        "(one sub-folder per site). Empty: <run folder>/sites. A deployed SuperNode "
+        "takes its `state-dir` from its own node config.",
+        default="",
+    )
+    batch: str = _help(
+        "Several experiments in one run (the book's batching): a JSON list of "
+        "flattened run configs; empty = the one experiment of this run config.",
+        default="",
+    )
 
 
 @dataclass
@@ -213,14 +339,7 @@ class ExperimentConfig:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    adapter: dict[str, Any] = field(
-        default_factory=lambda: {
-            "adapted_blocks": "last2",
-            "lora_rank": 8,
-            "lora_alpha": 16,
-            "target_modules": ["attn.q", "attn.kv", "attn.proj"],
-        }
-    )
+    adapter: AdapterSection = field(default_factory=AdapterSection)
     train: TrainConfig = field(default_factory=TrainConfig)
     fed: FedConfig = field(default_factory=FedConfig)
 
@@ -230,6 +349,35 @@ class ExperimentConfig:
             "profile",
             f"unknown profile {self.profile!r}; choose one of {', '.join(PROFILES)}",
         )
+        _check(
+            isinstance(self.seed, int) and not isinstance(self.seed, bool),
+            "seed",
+            f"expected an integer, got {self.seed!r}",
+        )
+        self.adapter_config()  # validates the adapter section against the method
+
+    def adapter_config(self, method: str | None = None) -> Any:
+        """The :class:`~medlora_lib.adapters.AdapterConfig` of this experiment.
+
+        Raises:
+            ConfigError: an invalid adapter value or method (names the field).
+        """
+        from medlora_lib.adapters import AdapterConfig
+
+        try:
+            return AdapterConfig(method=method or self.method, **asdict(self.adapter))
+        except ConfigError as exc:
+            text = str(exc)
+            if text.startswith("AdapterConfig.method"):
+                raise ConfigError(
+                    f"config field `method`: {text.split(' ', 1)[1]}"
+                ) from None
+            name = next(
+                (f.name for f in dataclasses.fields(AdapterSection) if f.name in text),
+                None,
+            )
+            where = f"adapter.{name}" if name else "adapter"
+            raise ConfigError(f"config field `{where}`: {text}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dictionary (tuples become lists)."""
@@ -239,15 +387,29 @@ class ExperimentConfig:
     def from_dict(cls, d: dict[str, Any]) -> ExperimentConfig:
         """Inverse of :meth:`to_dict`."""
         d = dict(d)
+        fed = dict(d.get("fed", {}))
+        if "clients" in fed:  # results written before sites replaced vendors
+            fed.setdefault("partition_by", fed.pop("clients"))
+        sections = {
+            "data": (DataConfig, d.get("data", {})),
+            "model": (ModelConfig, d.get("model", {})),
+            "adapter": (AdapterSection, d.get("adapter", {})),
+            "train": (TrainConfig, d.get("train", {})),
+            "fed": (FedConfig, fed),
+        }
+        built = {}
+        for name, (klass, values) in sections.items():
+            values = dict(values)
+            _check_names(name, klass, values)
+            built[name] = klass(
+                **{k: _coerce(f"{name}.{k}", _field_type(klass, k), v)
+                   for k, v in values.items()}
+            )
         return cls(
-            profile=d.get("profile", "cpu"),
-            method=d.get("method", "med_dual_lora"),
-            seed=int(d.get("seed", 0)),
-            data=DataConfig(**d.get("data", {})),
-            model=ModelConfig(**d.get("model", {})),
-            adapter=dict(d.get("adapter", {})),
-            train=TrainConfig(**d.get("train", {})),
-            fed=FedConfig(**d.get("fed", {})),
+            profile=str(d.get("profile", "cpu")),
+            method=str(d.get("method", "med_dual_lora")),
+            seed=_coerce("seed", "int", d.get("seed", 0)),
+            **built,
         )
 
 
@@ -317,12 +479,131 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-_SECTIONS = {
+_SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "model": ModelConfig,
+    "adapter": AdapterSection,
     "train": TrainConfig,
     "fed": FedConfig,
 }
+_TOP_LEVEL = ("profile", "method", "seed")
+
+#: Fields that change how a run is carried out, not what it computes: left out of
+#: :func:`config_hash` (the cache key) and of the resume check.
+OPERATIONAL_KEYS: tuple[str, ...] = (
+    "fed.min_sites",
+    "fed.num_sites",
+    "fed.round_timeout",
+    "fed.connect_timeout",
+)
+
+
+def _all_keys() -> list[str]:
+    keys = list(_TOP_LEVEL)
+    for name, klass in _SECTIONS.items():
+        keys += [f"{name}.{f.name}" for f in dataclasses.fields(klass)]
+    return keys
+
+
+def _nearest(key: str, candidates: list[str]) -> str:
+    import difflib
+
+    norm = {c.replace("-", "_"): c for c in candidates}
+    hit = difflib.get_close_matches(key.replace("-", "_"), list(norm), n=1, cutoff=0.5)
+    return f"; did you mean `{norm[hit[0]]}`?" if hit else ""
+
+
+def _check_names(section: str, klass: type, values: dict[str, Any]) -> None:
+    names = [f.name for f in dataclasses.fields(klass)]
+    for k in values:
+        if k not in names:
+            raise ConfigError(
+                f"config field `{section}.{k}` does not exist"
+                + _nearest(f"{section}.{k}", [f"{section}.{n}" for n in names])
+                + f" (`{section}` has {', '.join(names)})"
+            )
+
+
+def _field_type(klass: type, name: str) -> str:
+    for f in dataclasses.fields(klass):
+        if f.name == name:
+            return str(f.type)
+    raise KeyError(name)  # pragma: no cover - names are checked first
+
+
+def _coerce(key: str, typ: str, value: Any) -> Any:
+    """``value`` converted to the field's type ``typ`` (the annotation as a string).
+
+    Accepts what a command line or a Flower run config can hold: numbers as strings,
+    lists as comma-separated strings, ``""`` / ``"none"`` for an optional value.
+
+    Raises:
+        ConfigError: the value does not fit (the message names the field).
+    """
+
+    def bad(what: str) -> ConfigError:
+        return ConfigError(f"config field `{key}`: expected {what}, got {value!r}")
+
+    optional = "None" in typ
+    if optional and (value is None or value == "" or str(value).lower() == "none"):
+        return None
+    base = typ.replace(" | None", "").strip()
+    if base.startswith("Literal"):
+        return str(value)
+    if base == "bool":
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "1", "yes"):
+            return True
+        if str(value).lower() in ("false", "0", "no"):
+            return False
+        raise bad("true or false")
+    if base == "int":
+        if isinstance(value, bool):
+            raise bad("an integer")
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            return int(str(value))
+        except ValueError:
+            raise bad("an integer") from None
+    if base == "float":
+        if isinstance(value, bool):
+            raise bad("a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise bad("a number") from None
+    if base == "str":
+        if isinstance(value, dict | list | tuple):
+            raise bad("a string")
+        return str(value)
+    if base.startswith("dict"):
+        if isinstance(value, str):
+            try:
+                value = json.loads(value or "{}")
+            except json.JSONDecodeError:
+                raise bad("a JSON object") from None
+        if not isinstance(value, dict):
+            raise bad("a JSON object")
+        return value
+    if base.startswith("tuple") or "tuple" in base:
+        items: Any = value
+        if isinstance(value, str):
+            s = value.strip().strip("[]()")
+            if "tuple" in base and base.startswith("str |") and not (
+                "," in s or s.lstrip("-").isdigit()
+            ):
+                return value  # e.g. adapter.adapted_blocks="last2"
+            items = [v.strip().strip("'\"") for v in s.split(",") if v.strip()]
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            items = [value]
+        if not isinstance(items, list | tuple):
+            raise bad("a list")
+        inner = base[base.index("tuple[") + 6 :].split(",")[0].strip().rstrip("]")
+        conv = {"int": "int", "float": "float", "str": "str"}.get(inner, "str")
+        return tuple(_coerce(key, conv, v) for v in items)
+    return value
 
 
 def get_config(
@@ -334,12 +615,14 @@ def get_config(
 
     Args:
         profile: ``smoke``, ``cpu`` (default) or ``paper``.
-        overrides: dotted overrides, ``["train.lr=3e-4"]`` or ``{"train.lr": 3e-4}``.
+        overrides: dotted overrides, ``["train.lr=3e-4"]`` or ``{"train.lr": 3e-4}``;
+            a field may be spelt with ``-`` as in the Flower run config
+            (``fed.num-rounds``).
         **top_level: ``method``, ``seed`` or whole sections (``data={...}``).
 
     Raises:
-        ConfigError: unknown profile, unknown field or invalid value (the message
-            names the field).
+        ConfigError: unknown profile, unknown field (with the nearest valid one) or a
+            value of the wrong type or range (the message names the field).
     """
     tree = profile_defaults(profile)
     tree["profile"] = profile
@@ -356,37 +639,138 @@ def get_config(
             items.append((k.strip(), _parse_value(v.strip())))
     for k, v in top_level.items():
         if k in _SECTIONS and isinstance(v, dict):
-            for kk, vv in v.items():
-                _set_dotted(tree, f"{k}.{kk}", vv)
+            items += [(f"{k}.{kk}", vv) for kk, vv in v.items()]
         else:
             items.append((k, v))
+    valid = _all_keys()
     for k, v in items:
+        k = k.replace("-", "_")
         section = k.split(".")[0]
-        if section in _SECTIONS:
-            names = {f.name for f in dataclasses.fields(_SECTIONS[section])}
-            fname = k.split(".", 1)[1] if "." in k else ""
-            if fname not in names:
-                raise ConfigError(
-                    f"config override `{k}`: unknown field; `{section}` has "
-                    f"{', '.join(sorted(names))}"
-                )
-        elif section == "adapter":
-            pass
-        elif k not in ("method", "seed", "profile"):
+        if k not in valid:
+            if section in _SECTIONS:
+                _check_names(section, _SECTIONS[section], {k.split(".", 1)[-1]: v})
             raise ConfigError(
-                f"config override `{k}`: unknown key; use method, seed, or one of "
-                f"data./model./adapter./train./fed."
+                f"config key `{k}` does not exist" + _nearest(k, valid)
+                + "; use method, seed, profile or data./model./adapter./train./fed."
             )
         _set_dotted(tree, k, v)
-    try:
-        return ExperimentConfig.from_dict(tree)
-    except TypeError as exc:  # unknown field in a section dict
-        raise ConfigError(f"invalid config: {exc}") from exc
+    return ExperimentConfig.from_dict(tree)
+
+
+# --------------------------------------------------------------------- Flower run config
+def flat_key(key: str) -> str:
+    """The Flower run-config spelling of a config key: ``fed.num_rounds`` -> ``fed.num-rounds``."""
+    return key.replace("_", "-")
+
+
+def _flat_value(value: Any) -> bool | int | float | str:
+    if value is None:
+        return ""
+    if isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value)
+    return json.dumps(value, sort_keys=True)
+
+
+def _flatten(cfg: ExperimentConfig) -> dict[str, bool | int | float | str]:
+    d = asdict(cfg)
+    flat: dict[str, bool | int | float | str] = {}
+    for k in _TOP_LEVEL:
+        flat[k] = _flat_value(d[k])
+    for name in _SECTIONS:
+        for k, v in d[name].items():
+            flat[flat_key(f"{name}.{k}")] = _flat_value(v)
+    return flat
+
+
+def _run_option_keys() -> dict[str, str]:
+    return {flat_key(f"run.{f.name}"): f.name for f in dataclasses.fields(RunOptions)}
+
+
+def run_config_defaults() -> dict[str, bool | int | float | str]:
+    """``[tool.flwr.app.config]`` of ``pyproject.toml``: the ``cpu`` profile flattened.
+
+    ``profile-defaults = true`` means: a key left at this value takes the default of
+    the chosen ``profile`` (``--run-config "profile='paper'"`` gives the paper's image
+    size); a key set to anything else overrides it. ``run.*`` keys are
+    :class:`RunOptions`. A test keeps ``pyproject.toml`` equal to this.
+    """
+    flat: dict[str, bool | int | float | str] = {"profile-defaults": True}
+    flat.update(_flatten(get_config("cpu")))
+    opts = RunOptions()
+    for fk, name in _run_option_keys().items():
+        flat[fk] = _flat_value(getattr(opts, name))
+    return flat
+
+
+def to_run_config(
+    cfg: ExperimentConfig, options: RunOptions | None = None
+) -> dict[str, bool | int | float | str]:
+    """``cfg`` (and ``options``) as a complete Flower run config (every key explicit)."""
+    flat: dict[str, bool | int | float | str] = {"profile-defaults": False}
+    flat.update(_flatten(cfg))
+    opts = options or RunOptions()
+    for fk, name in _run_option_keys().items():
+        flat[fk] = _flat_value(getattr(opts, name))
+    return flat
+
+
+def from_run_config(
+    run_config: dict[str, Any],
+) -> tuple[ExperimentConfig, RunOptions]:
+    """Read a Flower run config (``context.run_config``) back into typed configs.
+
+    Every key must be one of :func:`run_config_defaults`; with ``profile-defaults``
+    (the project's default) the keys that still hold the ``cpu`` value take the chosen
+    profile's defaults.
+
+    Raises:
+        ConfigError: an unknown key (naming the nearest valid one) or a bad value.
+    """
+    defaults = run_config_defaults()
+    unknown = [k for k in run_config if k not in defaults]
+    if unknown:
+        k = unknown[0]
+        raise ConfigError(
+            f"run-config key `{k}` does not exist" + _nearest(k, list(defaults))
+            + " (the keys are those of [tool.flwr.app.config] in pyproject.toml)"
+        )
+    rc = {**defaults, **run_config}
+    opts_kw = {}
+    for fk, name in _run_option_keys().items():
+        opts_kw[name] = _coerce(flat_key(f"run.{name}"), _field_type(RunOptions, name), rc[fk])
+    options = RunOptions(**opts_kw)
+    _check(
+        options.resume in ("auto", "never", "require"),
+        "run.resume",
+        f"unknown value {options.resume!r}; choose auto, never or require",
+    )
+    use_profile = _coerce("profile-defaults", "bool", rc["profile-defaults"])
+    profile = str(rc["profile"])
+    overrides: dict[str, Any] = {}
+    for key in _all_keys():
+        if key == "profile":
+            continue
+        fk = flat_key(key)
+        if use_profile and rc[fk] == defaults[fk] and key not in ("method", "seed"):
+            continue
+        overrides[key] = rc[fk]
+    method = overrides.pop("method")
+    seed = _coerce("seed", "int", overrides.pop("seed"))
+    return get_config(profile, overrides=overrides, method=method, seed=seed), options
 
 
 def config_hash(config: ExperimentConfig | dict[str, Any], length: int = 12) -> str:
-    """A short, stable hash of a config (used to cache results by config)."""
-    d = config.to_dict() if isinstance(config, ExperimentConfig) else config
+    """A short, stable hash of what a config computes (used to cache results).
+
+    :data:`OPERATIONAL_KEYS` (time-outs, device, threads) are left out.
+    """
+    d = config.to_dict() if isinstance(config, ExperimentConfig) else dict(config)
+    d = json.loads(json.dumps(d))
+    for key in OPERATIONAL_KEYS:
+        section, name = key.split(".")
+        d.get(section, {}).pop(name, None)
     blob = json.dumps(d, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:length]
 

@@ -261,14 +261,7 @@ def build_model(cfg: ExperimentConfig, verbose: bool = False):
 
 def adapter_config(cfg: ExperimentConfig, method: str | None = None):
     """The :class:`~medlora_lib.adapters.AdapterConfig` of ``cfg``."""
-    from medlora_lib.adapters import AdapterConfig
-
-    kwargs = dict(cfg.adapter)
-    if "target_modules" in kwargs:
-        kwargs["target_modules"] = tuple(kwargs["target_modules"])
-    if isinstance(kwargs.get("adapted_blocks"), list):
-        kwargs["adapted_blocks"] = tuple(kwargs["adapted_blocks"])
-    return AdapterConfig(method=method or cfg.method, **kwargs)
+    return cfg.adapter_config(method)
 
 
 def _inputs_for(model, start_block: int | None, images: torch.Tensor, batch_size: int):

@@ -1,89 +1,329 @@
-"""The Flower ``ClientApp``: one client per vendor (chapter ``notebooks/03_fedavg_lora``).
+"""The Flower ``ClientApp``: one site (chapter ``notebooks/03_fedavg_lora``, ``book/deployment.md``).
 
-``partition-id`` from the node config picks the client (canonical vendor order). Each
-message carries the experiment (``exp-spec``, JSON) in its ``ConfigRecord`` and the shared
-tensors in its ``ArrayRecord``. What must not leave the site — Med-DualLoRA's local adapter,
-FedSA-LoRA's B, a private head — is stored in ``context.state`` under
-``private/<exp_id>`` and is never put in a reply: a reply holds exactly one ``ArrayRecord``
-with the keys of :func:`medlora_lib.adapters.get_shared_state` (checked before sending) and
-one ``MetricRecord`` of scalars.
+What a site runs comes from two places and nowhere else:
 
-The same app runs in the Simulation Runtime (:func:`medlora_lib.fl.simulate`) and in the
-Deployment Runtime (``medlora deploy``).
+* the **run config** (``context.run_config``, the flattened experiment of
+  ``[tool.flwr.app.config]`` plus ``--run-config`` overrides): method, model, adapters,
+  training — never a path the site opens in a deployment;
+* the SuperNode's **node config**: ``data-path`` (the site's own prepared folder, one
+  site only), ``state-dir`` (where its private state lives) and optionally
+  ``model-path`` (a local weights file) and ``site-name``. In the Simulation Runtime a
+  virtual SuperNode has only ``partition-id`` / ``num-partitions``: it is the
+  ``partition-id``-th site of the run's data folder partitioned by
+  ``fed.partition_by`` and loads only that site's arrays.
+
+Messages carry the shared tensors (``arrays``), the round's config (``config``:
+:data:`~medlora_lib.fl.strategies.ROUND_CONFIG_KEYS`) and scalar metrics — nothing else.
+What must not leave the site (Med-DualLoRA's local adapter, FedSA-LoRA's B, a private
+head) is written after every round under ``state-dir``
+(:class:`~medlora_lib.fl.site_state.SiteStateStore`) and read back by the next message,
+so a SuperNode that restarts continues where it stopped. A reply holds exactly the keys
+of :func:`medlora_lib.adapters.get_shared_state` (checked before sending).
+
+Handlers: ``query`` (the server asks which site this node is), ``train`` and
+``evaluate``. In a deployment an error that reaches the server names the site and the
+error type only; paths are replaced by ``<data-path>`` / ``<state-dir>`` so the server
+cannot learn about a site's files from error texts (the full error is in the
+SuperNode's log).
 """
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+import json
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from medlora_lib.fl.task import ExperimentSpec, get_runtime
+from medlora_lib.errors import ConfigError, DataError
 
-__all__ = ["app", "PRIVATE_PREFIX", "PREV_EVAL_PREFIX"]
+__all__ = ["app", "SiteContext", "site_context", "PREV_EVAL_PREFIX", "SiteError"]
 
-PRIVATE_PREFIX = "private/"
-#: Prefix of the metrics of the previous round's model that a train reply carries
-#: (evaluation fused into the next round's train message; see ``MedloraFedAvg``).
+#: Prefix of the metrics of the previous round's model that a train reply carries.
 PREV_EVAL_PREFIX = "prev-eval/"
+NODE_KEYS = ("data-path", "state-dir", "model-path", "site-name")
 
 app = ClientApp()
 
 
-class InjectedFailure(RuntimeError):
-    """Raised by the test hook ``ExperimentSpec.fail``."""
+class SiteError(RuntimeError):
+    """What a site reports to the server when a step fails (paths removed)."""
 
 
-def _setup(msg: Message, context: Context, phase: str):
-    cfg = msg.content["config"]
-    spec = ExperimentSpec.from_json(str(cfg["exp-spec"]))
-    partition = int(context.node_config["partition-id"])
-    rnd = int(cfg["server-round"])
-    fail = spec.fail or {}
-    if (
-        fail.get("partition") == partition
-        and int(fail.get("round", -1)) == rnd
-        and fail.get("phase", "train") == phase
-    ):
-        raise InjectedFailure(
-            f"injected failure: partition {partition}, round {rnd}, {phase}"
+@dataclass
+class SiteContext:
+    """Who this node is for one experiment: its site, data folder and state folder."""
+
+    cfg: Any
+    options: Any
+    site: str  # "" when a simulated node has no site in this experiment
+    data_path: Path | None
+    state_dir: Path | None
+    deployed: bool  # a real SuperNode (paths from its node config)
+    num_sites: int = 0
+
+
+def experiment_of(run_config: dict[str, Any], index: int) -> tuple[Any, Any]:
+    """The ``index``-th experiment of a run config (``run.batch`` or the run config)."""
+    from medlora_lib.config import from_run_config
+
+    batch = str(run_config.get("run.batch", "") or "")
+    if not batch:
+        if index != 0:
+            raise ConfigError(f"experiment {index} asked of a run with one experiment")
+        return from_run_config(dict(run_config))
+    items = json.loads(batch)
+    if not 0 <= index < len(items):
+        raise ConfigError(f"experiment {index} asked of a batch of {len(items)}")
+    return from_run_config(items[index])
+
+
+_CONTEXTS: dict[str, SiteContext] = {}
+
+
+def site_context(run_config: dict[str, Any], node_config: dict[str, Any], index: int) -> SiteContext:
+    """Resolve this node's site for experiment ``index`` (cached per process).
+
+    Raises:
+        ConfigError: a SuperNode without ``data-path`` / ``state-dir``, or a simulation
+            with fewer virtual SuperNodes than sites.
+        DataError: a ``data-path`` holding several sites or another image size.
+    """
+    key = json.dumps([index, str(run_config.get("run.batch", ""))[:0], sorted(node_config.items())], default=str)
+    key += json.dumps(sorted((k, str(v)) for k, v in run_config.items()))
+    if key in _CONTEXTS:
+        return _CONTEXTS[key]
+    from medlora_lib.fl.sites import folder_site, site_names
+
+    cfg, options = experiment_of(run_config, index)
+    if "data-path" in node_config or "state-dir" in node_config:
+        missing = [k for k in ("data-path", "state-dir") if not str(node_config.get(k, ""))]
+        if missing:
+            raise ConfigError(
+                f"this SuperNode's node config has no {' / '.join(missing)}; start it "
+                "with --node-config 'data-path=/path/to/site/prepared state-dir="
+                "/path/to/site/state'"
+            )
+        data_path = Path(str(node_config["data-path"])).expanduser()
+        if not (data_path / "manifest.csv").exists():
+            raise DataError(
+                f"data-path {data_path} holds no manifest.csv; prepare the site's data "
+                "with `medlora prepare ...` (one site per folder)"
+            )
+        site = str(node_config.get("site-name", "")) or folder_site(
+            data_path, cfg.fed.partition_by
         )
-    rt = get_runtime(spec, partition)
-    shared = msg.content["arrays"].to_torch_state_dict()
-    key = PRIVATE_PREFIX + spec.exp_id
-    private = context.state[key].to_torch_state_dict() if key in context.state else None
-    return spec, partition, rnd, rt, shared, private, key
+        ctx = SiteContext(
+            cfg=cfg,
+            options=options,
+            site=site if site not in cfg.fed.exclude else "",
+            data_path=data_path,
+            state_dir=Path(str(node_config["state-dir"])).expanduser(),
+            deployed=True,
+        )
+    elif "partition-id" in node_config:
+        from medlora_lib.pipeline import resolve_data_dir
+
+        data_dir = resolve_data_dir(cfg, verbose=False)
+        names = [
+            s for s in site_names(data_dir, cfg.fed.partition_by) if s not in cfg.fed.exclude
+        ]
+        pid = int(node_config["partition-id"])
+        nparts = int(node_config.get("num-partitions", 0) or 0)
+        if nparts and nparts < len(names):
+            raise ConfigError(
+                f"the simulation has {nparts} virtual SuperNodes but {data_dir} holds "
+                f"{len(names)} sites ({', '.join(names)}) under fed.partition_by="
+                f"{cfg.fed.partition_by!r}; run it with --federation-config "
+                f"'num-supernodes={len(names)}'"
+            )
+        site = names[pid] if pid < len(names) else ""
+        root = Path(options.state_dir) if options.state_dir else None
+        if root is None:
+            from medlora_lib.fl.runcache import default_run_dir
+
+            root = Path(options.dir or default_run_dir(cfg)) / "sites"
+        ctx = SiteContext(
+            cfg=cfg,
+            options=options,
+            site=site,
+            data_path=data_dir,
+            state_dir=root / site if site else None,
+            deployed=False,
+            num_sites=len(names),
+        )
+    else:
+        raise ConfigError(
+            "this SuperNode's node config names no data: start it with --node-config "
+            "'data-path=/path/to/site/prepared state-dir=/path/to/site/state'"
+        )
+    if ctx.deployed and ctx.site:
+        _refuse_server_paths(ctx, node_config)
+    _CONTEXTS.clear()
+    _CONTEXTS[key] = ctx
+    return ctx
+
+
+def _refuse_server_paths(ctx: SiteContext, node_config: dict[str, Any]) -> None:
+    """In a deployment, a site opens only files its own node config names."""
+    import dataclasses
+
+    p = ctx.cfg.model.pretrained
+    if p not in ("small", "hub", "none"):
+        local = str(node_config.get("model-path", ""))
+        if not local:
+            raise ConfigError(
+                "the run asks for weights from a file (model.pretrained is a path); a "
+                "site opens only files named in its node config: add model-path=/path/"
+                "to/weights.safetensors to this SuperNode's --node-config"
+            )
+        ctx.cfg = dataclasses.replace(
+            ctx.cfg, model=dataclasses.replace(ctx.cfg.model, pretrained=local)
+        )
+    elif "model-path" in node_config and str(node_config["model-path"]):
+        ctx.cfg = dataclasses.replace(
+            ctx.cfg,
+            model=dataclasses.replace(ctx.cfg.model, pretrained=str(node_config["model-path"])),
+        )
+
+
+def _runtime(ctx: SiteContext):
+    from medlora_lib.config import config_hash
+    from medlora_lib.fl.sites import load_site
+    from medlora_lib.fl.task import ClientRuntime, get_runtime
+
+    def build():
+        data = load_site(
+            ctx.data_path, ctx.site, ctx.cfg.fed.partition_by, tuple(ctx.cfg.data.image_size)
+        )
+        return ClientRuntime.build(
+            ctx.cfg, {ctx.site: data}, ctx.site, data_key=str(ctx.data_path)
+        )
+
+    key = f"{config_hash(ctx.cfg)}|{ctx.site}|{ctx.data_path}|{ctx.cfg.model.pretrained}"
+    return get_runtime(key, build)
+
+
+def _store(ctx: SiteContext, run_key: str):
+    from medlora_lib.config import config_hash
+    from medlora_lib.fl.site_state import SiteStateStore
+
+    store = SiteStateStore(ctx.state_dir, ctx.site)
+    store.bind(run_key, ctx.cfg.to_dict(), config_hash(ctx.cfg))
+    return store
+
+
+def _scrub(text: str, ctx: SiteContext | None) -> str:
+    if ctx is None or not ctx.deployed:
+        return text
+    for path, name in ((ctx.data_path, "<data-path>"), (ctx.state_dir, "<state-dir>")):
+        if path is not None:
+            text = text.replace(str(path), name)
+    return text.replace(str(Path.home()), "~")
+
+
+def _guard(handler):
+    """Run a handler; on failure log it here and send the server a scrubbed reason."""
+
+    def wrapped(msg: Message, context: Context) -> Message:
+        ctx = None
+        try:
+            cfg = msg.content["config"]
+            ctx = site_context(dict(context.run_config), dict(context.node_config), int(cfg.get("experiment", 0)))
+            return handler(msg, context, ctx)
+        except Exception as exc:  # reported to the server as an error reply
+            traceback.print_exc(file=sys.stderr)
+            where = f"site {ctx.site}: " if ctx is not None and ctx.site else ""
+            reason = _scrub(f"{where}{type(exc).__name__}: {exc}", ctx)
+            if ctx is not None and ctx.deployed and not isinstance(exc, ConfigError | DataError):
+                reason = f"{where}{type(exc).__name__} (details in the SuperNode's log)"
+            raise SiteError(reason) from None
+
+    wrapped.__name__ = handler.__name__
+    wrapped.__doc__ = handler.__doc__
+    return wrapped
+
+
+@app.query()
+@_guard
+def query(msg: Message, context: Context, ctx: SiteContext) -> Message:
+    """Tell the server which site this node is in the experiment (``""``: none)."""
+    n = 0
+    if ctx.site:  # counted from the manifest: answering must not wait for the model
+        from medlora_lib.data.manifest import read_manifest
+        from medlora_lib.fl.sites import site_of
+
+        m = read_manifest(ctx.data_path, check_files=False)
+        n = int(((site_of(m, ctx.cfg.fed.partition_by) == ctx.site) & (m["split"] == "train")).sum())
+    content = RecordDict(
+        {
+            "site": ConfigRecord({"site": ctx.site}),
+            "metrics": MetricRecord({"num-examples": int(n)}),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+def _selection(ctx: SiteContext, metrics: dict[str, float]) -> float | None:
+    v = metrics.get(f"val_{ctx.cfg.train.selection_metric}")
+    return None if v is None or v != v else float(v)
+
+
+def _evaluate_and_keep(ctx, rt, store, run_key, rnd, shared, private) -> dict[str, float]:
+    """Evaluate the deployed model; keep it as the site's last (and best) model."""
+    metrics = rt.evaluate_round(shared, private)[ctx.site]
+    current = private if private is not None else rt.initial_private
+    meta = {"round": rnd, "metrics": metrics, "selection_metric": ctx.cfg.train.selection_metric}
+    value = _selection(ctx, metrics)
+    meta["selection_value"] = value
+    store.save_deployed(run_key, "last", shared, current, meta, rt.model)
+    best = store.best_metric(run_key)
+    if value is not None and (best is None or value > best):
+        store.save_deployed(run_key, "best", shared, current, meta, rt.model)
+    return metrics
+
+
+def _private_before(store, run_key: str, rnd: int):
+    got = store.load_before(run_key, rnd)
+    return None if got is None else got[1]
 
 
 @app.train()
-def train(msg: Message, context: Context) -> Message:
-    """Load global + private state, train locally, reply with the shared tensors only.
+@_guard
+def train(msg: Message, context: Context, ctx: SiteContext) -> Message:
+    """Load the global + private state, train locally, reply with the shared tensors only.
 
-    With ``evaluate-first`` in the config (rounds after the first), the client first
-    evaluates the model it just received — the previous round's aggregate with its own
-    private part, exactly the model a separate evaluate message would carry — and adds
-    those metrics to the reply under :data:`PREV_EVAL_PREFIX`. That saves one message
-    round trip per round; the result is the same.
+    With ``evaluate-first`` (rounds after the first) the site first evaluates the model
+    it just received — the previous round's aggregate with its own private part — and
+    adds those metrics under :data:`PREV_EVAL_PREFIX`. After training it writes its
+    private state under ``state-dir`` before replying.
     """
-    spec, partition, rnd, rt, shared, private, key = _setup(msg, context, "train")
+    if not ctx.site:
+        raise ConfigError("this node holds no site of the experiment")
     cfg = msg.content["config"]
-    mu = float(cfg.get("proximal-mu", 0.0))
-    prev_eval: dict[str, float] = {}
+    rnd, run_key = int(cfg["server-round"]), str(cfg["run-key"])
+    rt = _runtime(ctx)
+    store = _store(ctx, run_key)
+    shared = msg.content["arrays"].to_torch_state_dict()
+    private = _private_before(store, run_key, rnd)
+    prev: dict[str, float] = {}
     if bool(cfg.get("evaluate-first", False)):
-        ev = rt.evaluate_round(shared, private)[spec.clients[partition]]
-        prev_eval = {PREV_EVAL_PREFIX + k: float(v) for k, v in ev.items()}
-    out = rt.train_round(shared, private, rnd, proximal_mu=mu)
-    context.state[key] = ArrayRecord(out.private)
+        ev = _evaluate_and_keep(ctx, rt, store, run_key, rnd - 1, shared, private)
+        prev = {PREV_EVAL_PREFIX + k: float(v) for k, v in ev.items()}
+    out = rt.train_round(shared, private, rnd, proximal_mu=float(cfg.get("proximal-mu", 0.0)), lr=float(cfg.get("lr", ctx.cfg.train.lr)))
     if list(out.shared) != rt.shared_keys:  # never send anything but the shared part
-        raise RuntimeError(
-            "reply keys differ from the shared tensors; refusing to send"
-        )
+        raise RuntimeError("reply keys differ from the shared tensors; refusing to send")
+    store.save_round(run_key, rnd, out.private, {"train_loss": out.train_loss})
     metrics = MetricRecord(
         {
             "num-examples": out.num_examples,
-            "partition-id": partition,
             "train-loss": out.train_loss,
             "train-seconds": out.seconds,
-            **prev_eval,
+            **prev,
         }
     )
     content = RecordDict({"arrays": ArrayRecord(out.shared), "metrics": metrics})
@@ -91,11 +331,17 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate this client's deployed model (received global + private) on val and test."""
-    spec, partition, rnd, rt, shared, private, key = _setup(msg, context, "evaluate")
-    per_client = rt.evaluate_round(shared, private)
-    metrics = per_client[spec.clients[partition]]
-    n_val = int(metrics.get("val_n", 0))
-    record = MetricRecord({"num-examples": n_val, "partition-id": partition, **metrics})
+@_guard
+def evaluate(msg: Message, context: Context, ctx: SiteContext) -> Message:
+    """Evaluate this site's deployed model (received global + its private part)."""
+    if not ctx.site:
+        raise ConfigError("this node holds no site of the experiment")
+    cfg = msg.content["config"]
+    rnd, run_key = int(cfg["server-round"]), str(cfg["run-key"])
+    rt = _runtime(ctx)
+    store = _store(ctx, run_key)
+    shared = msg.content["arrays"].to_torch_state_dict()
+    private = _private_before(store, run_key, rnd + 1)
+    metrics = _evaluate_and_keep(ctx, rt, store, run_key, rnd, shared, private)
+    record = MetricRecord({"num-examples": int(metrics.get("val_n", 0)), **metrics})
     return Message(content=RecordDict({"metrics": record}), reply_to=msg)

@@ -53,13 +53,6 @@ def _as_local(cfg: ExperimentConfig) -> ExperimentConfig:
     return ExperimentConfig.from_dict({**cfg.to_dict(), "method": "local"})
 
 
-def _cache_file(cfg: ExperimentConfig, data_dir: str) -> Path:
-    from medlora_lib.fl.simulate import cache_path
-
-    run = cache_path(cfg, data_dir)
-    return run.parent / f"{run.name}-crossvendor" / "matrix.csv"
-
-
 def cross_vendor_matrix(
     cfg: ExperimentConfig, *, use_cache: bool = False, verbose: bool = False
 ) -> pd.DataFrame:
@@ -89,57 +82,63 @@ def cross_vendor_matrix(
         ConfigError: invalid config (as :func:`medlora_lib.fl.simulate`).
         DataError: the data folder does not match its manifest or the config.
     """
-    from medlora_lib.adapters import get_shared_state
-    from medlora_lib.fl.simulate import prepare_specs, select_rounds
-    from medlora_lib.fl.task import ClientRuntime, build_adapted_model
+    from medlora_lib.fl.federation import InProcessSites, run_rounds
+    from medlora_lib.fl.result import select_rounds
+    from medlora_lib.fl.simulate import plan
+    from medlora_lib.fl.sites import load_sites
+    from medlora_lib.fl.task import ClientRuntime
 
     cfg = _as_local(cfg)
-    (spec,) = prepare_specs([cfg])
-    cache = _cache_file(cfg, spec.data_dir)
+    (p,) = plan([cfg], use_cache=True, scratch=Path("."))
+    cache = p.run_dir.parent / f"{p.run_dir.name}-crossvendor" / "matrix.csv"
     if use_cache and cache.exists():
         if verbose:
             print(f"cross-vendor matrix cached: {cache}")
         return pd.read_csv(cache)
 
-    names = list(spec.clients)
-    runtimes = [ClientRuntime.build(spec, p) for p in range(len(names))]
-    # every runtime holds the same frozen backbone, so one vendor's (prefix-cached)
-    # evaluation inputs serve every model: give each model every vendor's splits
-    all_sets = {n: rt.eval_sets[n] for n, rt in zip(names, runtimes, strict=True)}
-    own_sets = [rt.eval_sets for rt in runtimes]
-    shared = get_shared_state(build_adapted_model(cfg))  # empty for `local`
-    private: list[dict[str, Any] | None] = [None] * len(runtimes)
+    names = list(p.sites)
+    data = load_sites(p.data_dir, names, cfg.fed.partition_by, tuple(cfg.data.image_size))
+    runtimes = {
+        n: ClientRuntime.build(cfg, data, n, data_key=str(p.data_dir)) for n in names
+    }
+    # every runtime holds the same frozen backbone, so one site's (prefix-cached)
+    # evaluation inputs serve every model: after training, each model evaluates every
+    # site's splits as well as its own
+    all_sets = {n: rt.eval_sets[n] for n, rt in runtimes.items()}
     metric = cfg.train.selection_metric
     rows: list[dict[str, Any]] = []
-    for rnd in range(1, cfg.fed.num_rounds + 1):
-        for i, rt in enumerate(runtimes):
-            rt.eval_sets = own_sets[i]
-            out = rt.train_round(shared, private[i], rnd)
-            private[i] = out.private
-            rt.eval_sets = all_sets
-            evals = rt.evaluate_round(shared, private[i])
-            rt.eval_sets = own_sets[i]
-            val = evals[names[i]].get(f"val_{metric}", float("nan"))
-            for test_name in names:
-                m = evals[test_name]
-                rows.append(
-                    {
-                        "client": names[i],
-                        "round": rnd,
-                        "test_vendor": test_name,
-                        f"val_{metric}": val,
-                        **{
-                            k: m.get(f"test_{k}", float("nan"))
-                            for k in MATRIX_COLUMNS[3:]
-                        },
-                    }
-                )
-            if verbose:
-                print(
-                    f"[cross-vendor] round {rnd}/{cfg.fed.num_rounds} {names[i]:>8s} "
-                    f"val {metric} {val:.3f}",
-                    flush=True,
-                )
+    sites = InProcessSites(runtimes, federated=False)
+
+    def on_train(site: str, res: Any) -> None:
+        rt = runtimes[site]
+        own = rt.eval_sets
+        rt.eval_sets = all_sets
+        try:
+            evals = rt.evaluate_round(res.shared, res.private)
+        finally:
+            rt.eval_sets = own
+        rnd = len([r for r in rows if r["client"] == site and r["test_vendor"] == site]) + 1
+        val = evals[site].get(f"val_{metric}", float("nan"))
+        for test_name in names:
+            m = evals[test_name]
+            rows.append(
+                {
+                    "client": site,
+                    "round": rnd,
+                    "test_vendor": test_name,
+                    f"val_{metric}": val,
+                    **{k: m.get(f"test_{k}", float("nan")) for k in MATRIX_COLUMNS[3:]},
+                }
+            )
+        if verbose:
+            print(
+                f"[cross-vendor] round {rnd}/{cfg.fed.num_rounds} {site:>8s} "
+                f"val {metric} {val:.3f}",
+                flush=True,
+            )
+
+    sites.on_train = on_train
+    run_rounds(sites, cfg, {}, label="cross-vendor")
     per_round = pd.DataFrame(rows)
     chosen = select_rounds(
         per_round[per_round["client"] == per_round["test_vendor"]], metric

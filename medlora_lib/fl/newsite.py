@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -58,7 +59,10 @@ def join_new_site(
         ConfigError: the federation is not Med-DualLoRA, has no final state, or did not
             leave ``newcomer`` out.
     """
-    from medlora_lib.fl.simulate import build_result, prepare_specs
+    from medlora_lib.fl.federation import InProcessSites, run_rounds
+    from medlora_lib.fl.result import build_result
+    from medlora_lib.fl.simulate import plan
+    from medlora_lib.fl.sites import load_site
     from medlora_lib.fl.task import ClientRuntime
 
     cfg: ExperimentConfig = federation.config
@@ -77,52 +81,30 @@ def join_new_site(
             "join_new_site: the federation's result holds no final global state "
             "(final_shared); rerun it with medlora_lib.fl.simulate"
         )
-    join_cfg = ExperimentConfig.from_dict(
-        {**cfg.to_dict(), "fed": {**cfg.to_dict()["fed"], "exclude": []}}
-    )
-    spec_all = prepare_specs([join_cfg])[0]
-    if newcomer not in spec_all.clients:
+    join_cfg = dataclasses.replace(cfg, fed=dataclasses.replace(cfg.fed, exclude=()))
+    (p,) = plan([join_cfg], use_cache=False, scratch=Path("."))
+    if newcomer not in p.sites:
         raise ConfigError(
-            f"join_new_site: {newcomer!r} is not a client of {spec_all.data_dir} "
-            f"(clients: {spec_all.clients})"
+            f"join_new_site: {newcomer!r} is not a site of {p.data_dir} "
+            f"(sites: {p.sites})"
         )
-    spec = dataclasses.replace(spec_all, exp_id=f"join-{newcomer}")
-    partition = spec.clients.index(newcomer)
     t0 = time.perf_counter()
-    rt = ClientRuntime.build(spec, partition)
+    data = {newcomer: load_site(p.data_dir, newcomer, cfg.fed.partition_by, tuple(cfg.data.image_size))}
+    rt = ClientRuntime.build(join_cfg, data, newcomer, data_key=str(p.data_dir))
     frozen = []
-    for name, p in rt.model.named_parameters():
+    for name, param in rt.model.named_parameters():
         if _is_global_lora(name):
-            p.requires_grad_(False)
+            param.requires_grad_(False)
             frozen.append(name)
     if not frozen:
         raise ConfigError("join_new_site: the model has no global adapter to freeze")
-    shared = {k: v.clone() for k, v in federation.final_shared.items()}
-    zero_shot = rt.evaluate_round(shared, None)[newcomer]
-    private = None
-    rows = []
-    for rnd in range(1, join_cfg.fed.num_rounds + 1):
-        out = rt.train_round(shared, private, rnd)
-        shared, private = out.shared, out.private  # head trained; global LoRA frozen
-        metrics = rt.evaluate_round(shared, private)[newcomer]
-        rows.append(
-            {
-                "round": rnd,
-                "partition": partition,
-                "client": newcomer,
-                "train_loss": out.train_loss,
-                "num_examples": out.num_examples,
-                "train_seconds": out.seconds,
-                **metrics,
-                "elapsed_s": time.perf_counter() - t0,
-            }
-        )
-        if verbose:
-            print(
-                f"[join {newcomer}] round {rnd}/{join_cfg.fed.num_rounds} loss "
-                f"{out.train_loss:.4f} val BA {metrics['val_balanced_accuracy']:.3f}",
-                flush=True,
-            )
+    start = {k: v.clone() for k, v in federation.final_shared.items()}
+    zero_shot = rt.evaluate_round(start, None)[newcomer]
+    # one site, no server: each round's "aggregate" is the site's own new state (its
+    # head trains; the frozen global adapter comes back unchanged)
+    sites = InProcessSites({newcomer: rt}, federated=False)
+    out = run_rounds(sites, join_cfg, start, label=f"join {newcomer}", verbose=verbose, min_sites=1)
+    shared = out["final_shared"]
     changed = [
         k
         for k, v in federation.final_shared.items()
@@ -134,9 +116,9 @@ def join_new_site(
         )
     result = build_result(
         join_cfg,
-        rows,
+        out["rows"],
         time.perf_counter() - t0,
-        exp_id=spec.exp_id,
+        exp_id=f"join-{newcomer}",
         runtime="inprocess",
         final_shared=shared,
     )

@@ -1,107 +1,379 @@
-"""The Flower ``ServerApp`` (chapter ``notebooks/03_fedavg_lora``).
+"""The Flower ``ServerApp`` (chapter ``notebooks/03_fedavg_lora``, ``book/deployment.md``).
 
-:func:`run_experiments` runs one or several experiments one after the other on the same
-grid (several methods or seeds inside one simulation: the Ray start-up is paid once). For
-each it builds the method's model to get the initial shared tensors, starts a
-:class:`~medlora_lib.fl.strategies.MedloraFedAvg` for ``fed.num_rounds`` rounds and collects
-the per-client rows, failures and message log.
+``app`` reads the experiment from the run config (``[tool.flwr.app.config]`` plus
+``--run-config`` overrides; ``run.batch`` may list several experiments, which then run
+one after the other inside the same Flower run), and for each:
 
-Two ways in:
+1. opens its run folder (``run.dir``): a finished result is kept as it is; a checkpoint
+   of the same configuration is resumed (``run.resume``); another configuration is
+   refused, naming the first differing key;
+2. waits up to ``fed.connect_timeout`` for the sites (:class:`GridSites` asks every
+   SuperNode which site it is with a ``query`` message), then runs
+   :func:`~medlora_lib.fl.federation.run_rounds` over Flower's Grid — each round waits at
+   most ``fed.round_timeout`` and goes on with the sites that answered;
+3. writes a checkpoint after every round and the result at the end
+   (:class:`~medlora_lib.fl.result.RunResult`: ``results.json``, ``rounds.csv``,
+   ``final_shared.safetensors``).
 
-* :func:`make_server_app` — used by :func:`medlora_lib.fl.simulate`: the experiments and a
-  result sink are passed in Python.
-* the module-level ``app`` — used by the Deployment Runtime (``flwr run``): reads the
-  absolute paths ``spec-path`` (JSON list of experiments) and ``out-path`` (where the
-  results JSON is written) from the run config.
+Nothing here opens patient data: the server only builds the initial shared tensors
+from the foundation model.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+import uuid
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from medlora_lib.errors import ConfigError
+from medlora_lib.fl.federation import FederationError, RoundOutcome, SiteReply
 from medlora_lib.fl.strategies import MedloraFedAvg
-from medlora_lib.fl.task import ExperimentSpec, build_adapted_model
 
-__all__ = ["app", "make_server_app", "run_experiments"]
+__all__ = ["app", "GridSites", "run_experiment"]
+
+PREV_EVAL_PREFIX = "prev-eval/"
 
 
-def run_experiments(
-    grid: Grid,
-    specs: list[ExperimentSpec],
-    record_messages: bool = False,
-    verbose: bool = True,
-    sink: Callable[[ExperimentSpec, dict[str, Any]], None] | None = None,
-) -> list[dict[str, Any]]:
-    """Run every experiment in ``specs`` on ``grid``, one after the other.
+def _short_reason(reason: str) -> str:
+    """The last line that names the exception (Ray / Flower wrap it in tracebacks)."""
+    lines = [ln.strip() for ln in reason.replace("\\n", "\n").splitlines() if ln.strip()]
+    named = [ln for ln in lines if "Error" in ln or "Exception" in ln]
+    return (named[-1] if named else (lines[-1] if lines else reason))[-500:]
 
-    Returns:
-        One dict per experiment: ``exp_id``, ``rows``, ``failures``, ``messages``,
-        ``seconds``.
+
+class GridSites:
+    """The sites of a run, reached through Flower's Grid (public API only).
+
+    Keeps the node of every site (``query`` → the site's name); a node that leaves is
+    dropped, a node that (re)appears is asked again, so a restarted SuperNode rejoins
+    under its site's name.
     """
-    from medlora_lib.adapters import get_shared_state
 
-    if hasattr(grid, "pull_interval"):
-        # The in-memory grid of the Simulation Runtime sleeps ``pull_interval`` (0.1 s)
-        # between polls for replies; at ~1 s per round that idles the server for up to
-        # 10 % of every round. Polling the in-memory state every 5 ms costs nothing.
-        grid.pull_interval = min(float(grid.pull_interval), 0.005)
-    outputs = []
-    for spec in specs:
-        t0 = time.perf_counter()
-        cfg = spec.cfg
-        model = build_adapted_model(cfg)
-        initial = ArrayRecord(get_shared_state(model))
-        del model
-        strategy = MedloraFedAvg(
-            num_clients=len(spec.clients),
-            exp_id=spec.exp_id,
-            num_rounds=cfg.fed.num_rounds,
-            proximal_mu=cfg.fed.proximal_mu if spec.method == "fedprox_lora" else 0.0,
-            record_messages=record_messages,
-            verbose=verbose,
-            client_names=spec.clients,
+    def __init__(
+        self,
+        grid: Grid,
+        cfg: Any,
+        strategy: MedloraFedAvg,
+        record_messages: bool = False,
+        label: str = "",
+    ) -> None:
+        self.grid = grid
+        self.cfg = cfg
+        self.strategy = strategy
+        self.record_messages = record_messages
+        self.label = label
+        self.node_site: dict[int, str] = {}
+        self.refused: dict[int, str] = {}
+        self.messages: list[dict[str, Any]] = []
+        self.poll = 0.005 if type(grid).__name__ == "InMemoryGrid" else 0.2
+
+    # ------------------------------------------------------------------ membership
+    def _log(self, direction: str, phase: str, rnd: int, site: str, msg: Message) -> None:
+        if not self.record_messages:
+            return
+        from medlora_lib.comm import record_summary
+
+        entry: dict[str, Any] = {
+            "exp_id": self.strategy.run_key,
+            "direction": direction,
+            "phase": phase,
+            "round": rnd,
+            "site": site,
+        }
+        if msg.has_error():
+            entry["error"] = _short_reason(str(msg.error.reason))
+            entry["records"] = {}
+        else:
+            entry["records"] = record_summary(msg.content)
+        self.messages.append(entry)
+
+    def _exchange(
+        self, messages: list[Message], sites: list[str], phase: str, rnd: int, timeout: float
+    ) -> tuple[dict[str, Message], list[dict[str, Any]]]:
+        """Push ``messages`` (one per site), pull replies until all came or ``timeout``."""
+        for m, s in zip(messages, sites, strict=True):
+            self._log("down", phase, rnd, s, m)
+        ids = list(self.grid.push_messages(messages))
+        pending = dict(zip(ids, sites, strict=True))
+        replies: dict[str, Message] = {}
+        failures: list[dict[str, Any]] = []
+        deadline = time.monotonic() + timeout
+        while pending and time.monotonic() < deadline:
+            for rep in self.grid.pull_messages(list(pending)):
+                site = pending.pop(rep.metadata.reply_to_message_id, None)
+                if site is None:
+                    continue
+                self._log("up", phase, rnd, site, rep)
+                if rep.has_error():
+                    failures.append(
+                        {"site": site, "answered": True, "reason": _short_reason(str(rep.error.reason))}
+                    )
+                else:
+                    replies[site] = rep
+            if pending:
+                time.sleep(self.poll)
+        for site in pending.values():
+            failures.append(
+                {
+                    "site": site,
+                    "answered": False,
+                    "reason": f"no reply within fed.round_timeout={timeout:g} s",
+                }
+            )
+        return replies, failures
+
+    def _hello(self, nodes: list[int], timeout: float) -> None:
+        cfg = self.strategy.round_config(0, False)
+        msgs = [
+            Message(
+                RecordDict({"config": cfg}),
+                dst_node_id=n,
+                message_type="query",
+                group_id="hello",
+                ttl=timeout,
+            )
+            for n in nodes
+        ]
+        replies, failures = self._exchange(msgs, [f"node {n}" for n in nodes], "query", 0, timeout)
+        for key, rep in replies.items():
+            node = int(rep.metadata.src_node_id)
+            site = str(rep.content["site"]["site"])
+            for old in [k for k, v in self.node_site.items() if v == site and k != node]:
+                del self.node_site[old]  # the site restarted under a new node id
+            self.node_site[node] = site
+        for f in failures:
+            node = int(f["site"].split()[1])
+            self.node_site[node] = ""  # cannot take part; asked again if it comes back
+            if f["answered"]:
+                self.refused[node] = f["reason"]
+                print(f"[{self.label}] a SuperNode refused the experiment: {f['reason']}", flush=True)
+
+    def _refresh(self, timeout: float) -> None:
+        listed = set(int(n) for n in self.grid.get_node_ids())
+        for gone in [n for n in self.node_site if n not in listed]:
+            del self.node_site[gone]
+        for gone in [n for n in self.refused if n not in listed]:
+            del self.refused[gone]
+        new = sorted(listed - set(self.node_site) - set(self.refused))
+        if new:
+            self._hello(new, timeout)
+
+    def connect(self) -> list[str]:
+        """Wait for the sites of the run (``fed.num_sites``, at least ``fed.min_sites``).
+
+        Raises:
+            FederationError: fewer than ``fed.min_sites`` sites within
+                ``fed.connect_timeout``.
+        """
+        fed = self.cfg.fed
+        deadline = time.monotonic() + fed.connect_timeout
+        want = fed.num_sites or fed.min_sites
+        while True:
+            self._refresh(max(5.0, deadline - time.monotonic()))
+            sites = self.sites_now()
+            listed = set(int(n) for n in self.grid.get_node_ids())
+            everyone = listed and listed <= set(self.node_site)
+            if len(sites) >= want and (fed.num_sites or everyone):
+                return sites
+            if listed and listed <= set(self.refused):
+                raise ConfigError(
+                    "every SuperNode refused the experiment; the first said: "
+                    + next(iter(self.refused.values()))
+                )
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        if len(sites) >= fed.min_sites:
+            print(
+                f"[{self.label}] warning: {len(sites)} of fed.num_sites={fed.num_sites} "
+                f"sites connected ({', '.join(sites)}); going on",
+                flush=True,
+            )
+            return sites
+        raise FederationError(
+            f"only {len(sites)} site(s) connected within fed.connect_timeout="
+            f"{fed.connect_timeout:g} s ({', '.join(sites) or 'none'}); the run needs "
+            f"fed.min_sites={fed.min_sites}. Start the missing SuperNodes (each with "
+            "--node-config 'data-path=... state-dir=...') or lower fed.min_sites"
+            + (f"; refused: {'; '.join(self.refused.values())}" if self.refused else "")
         )
-        conf = {"exp-spec": spec.to_json()}
-        result = strategy.start(
-            grid=grid,
-            initial_arrays=initial,
-            num_rounds=cfg.fed.num_rounds,
-            train_config=ConfigRecord(dict(conf)),
-            evaluate_config=ConfigRecord(dict(conf)),
+
+    def sites_now(self) -> list[str]:
+        from medlora_lib.fl.sites import _ordered
+
+        names = {s for s in self.node_site.values() if s and s not in self.cfg.fed.exclude}
+        return _ordered(names)
+
+    def sites(self, rnd: int) -> list[str]:
+        self._refresh(min(10.0, self.cfg.fed.round_timeout))
+        return self.sites_now()
+
+    def _node(self, site: str) -> int:
+        return next(n for n, s in self.node_site.items() if s == site)
+
+    # ------------------------------------------------------------------ steps
+    def train(self, rnd: int, sites: list[str], shared: dict, evaluate_first: bool) -> RoundOutcome:
+        from medlora_lib.comm import payload_bytes, wire_bytes
+
+        arrays = ArrayRecord(shared)
+        down = {"bytes_down": payload_bytes(arrays), "wire_bytes_down": wire_bytes(arrays)}
+        self.strategy.nodes = [self._node(s) for s in sites]
+        msgs = list(
+            self.strategy.configure_train(rnd, arrays, self.strategy.round_config(rnd, evaluate_first), self.grid)
         )
-        out = {"exp_id": spec.exp_id, **strategy.collect()}
-        # the last aggregate: the global shared state a new site would start from
-        out["final_shared"] = (
-            result.arrays.to_torch_state_dict() if result.arrays is not None else None
+        replies, failures = self._exchange(msgs, sites, "train", rnd, self.cfg.fed.round_timeout)
+        out = RoundOutcome(replies={}, failures=failures)
+        for site in sites:
+            if site not in replies:
+                continue
+            rep = replies[site]
+            arrays_up = rep.content["arrays"]
+            m = rep.content["metrics"]
+            prev = {k[len(PREV_EVAL_PREFIX) :]: float(v) for k, v in m.items() if k.startswith(PREV_EVAL_PREFIX)}
+            out.replies[site] = SiteReply(
+                shared=arrays_up.to_torch_state_dict(),
+                num_examples=int(m["num-examples"]),
+                train={
+                    "train_loss": float(m["train-loss"]),
+                    "num_examples": int(m["num-examples"]),
+                    "train_seconds": float(m.get("train-seconds", 0.0)),
+                },
+                prev_eval={site: prev} if prev else {},
+            )
+            out.bytes[site] = {
+                **down,
+                "bytes_up": payload_bytes(arrays_up),
+                "wire_bytes_up": wire_bytes(arrays_up),
+            }
+        return out
+
+    def evaluate(self, rnd: int, sites: list[str], shared: dict) -> RoundOutcome:
+        from medlora_lib.comm import payload_bytes
+
+        arrays = ArrayRecord(shared)
+        self.strategy.nodes = [self._node(s) for s in sites]
+        msgs = list(
+            self.strategy.configure_evaluate(rnd, arrays, self.strategy.round_config(rnd, False), self.grid)
         )
-        out["seconds"] = time.perf_counter() - t0
-        outputs.append(out)
-        if sink is not None:
-            sink(spec, out)
-    return outputs
+        replies, failures = self._exchange(msgs, sites, "evaluate", rnd, self.cfg.fed.round_timeout)
+        out = RoundOutcome(replies={}, failures=failures)
+        for site, rep in replies.items():
+            m = {k: float(v) for k, v in rep.content["metrics"].items() if k != "num-examples"}
+            out.replies[site] = {site: m}
+            out.bytes[site] = {"bytes_down_eval": payload_bytes(arrays)}
+        return out
 
 
-def make_server_app(
-    specs: list[ExperimentSpec],
-    sink: Callable[[ExperimentSpec, dict[str, Any]], None],
-    record_messages: bool = False,
-    verbose: bool = True,
-) -> ServerApp:
-    """A ``ServerApp`` that runs ``specs`` and hands each result to ``sink``."""
-    server = ServerApp()
+def run_experiment(grid: Grid, cfg: Any, options: Any, index: int = 0) -> Path:
+    """Run (or resume, or keep) one experiment on ``grid``; return its run folder."""
+    from medlora_lib.adapters import METHODS, get_shared_state
+    from medlora_lib.config import config_hash
+    from medlora_lib.fl.checkpoint import (
+        Checkpoint,
+        check_resumable,
+        comparable_config,
+        first_difference,
+        load_checkpoint,
+        save_checkpoint,
+    )
+    from medlora_lib.fl.federation import run_rounds
+    from medlora_lib.fl.result import build_result
+    from medlora_lib.fl.runcache import default_run_dir
+    from medlora_lib.fl.task import build_adapted_model, validate_config
+    from medlora_lib.results import read_json
 
-    @server.main()
-    def _main(grid: Grid, context: Context) -> None:
-        run_experiments(grid, specs, record_messages, verbose, sink)
+    validate_config(cfg)
+    if not METHODS[cfg.method].federated:
+        raise ConfigError(
+            f"method {cfg.method!r} is not federated (no server); run it with "
+            "`medlora run` or medlora_lib.fl.simulate"
+        )
+    run_dir = Path(options.dir).expanduser() if options.dir else default_run_dir(cfg)
+    label = f"{cfg.method} s{cfg.seed}"
+    done = run_dir / "results.json"
+    if done.exists():
+        saved = read_json(done)["config"]
+        a, b = comparable_config(saved), comparable_config(cfg.to_dict())
+        if a != b:
+            raise ConfigError(
+                f"{run_dir} holds the finished result of another configuration (first "
+                f"differing key: {first_difference(a, b)}); choose another run.dir"
+            )
+        print(f"[{label}] {run_dir} already holds this run's result; nothing to do", flush=True)
+        return run_dir
+    ckpt = load_checkpoint(run_dir)
+    if ckpt is not None and options.resume == "never":
+        raise ConfigError(
+            f"{run_dir} holds a checkpoint of round {ckpt.round}; resume it "
+            "(run.resume='auto') or choose another run.dir"
+        )
+    if ckpt is None and options.resume == "require":
+        raise ConfigError(f"run.resume='require' but {run_dir} holds no checkpoint")
+    if ckpt is not None:
+        check_resumable(ckpt, cfg.to_dict(), run_dir)
+        print(f"[{label}] resuming {run_dir} after round {ckpt.round}", flush=True)
+    run_key = ckpt.run_key if ckpt else f"{cfg.method}-{config_hash(cfg, 8)}-{uuid.uuid4().hex[:8]}"
+    initial = ckpt.shared if ckpt else get_shared_state(build_adapted_model(cfg))
+    strategy = MedloraFedAvg(
+        lr=cfg.train.lr,
+        proximal_mu=cfg.fed.proximal_mu if METHODS[cfg.method].proximal else 0.0,
+        run_key=run_key,
+        experiment=index,
+        message_ttl=cfg.fed.round_timeout,
+    )
+    transport = GridSites(grid, cfg, strategy, options.record_messages, label)
+    if ckpt is not None:
+        transport.messages = list(ckpt.messages)
+    t0 = time.perf_counter()
+    before = float(ckpt.extra.get("seconds", 0.0)) if ckpt else 0.0
+    sites = transport.connect()
+    print(f"[{label}] sites: {', '.join(sites)}", flush=True)
 
-    return server
+    def checkpoint(rnd: int, shared: dict, rows: list, fails: list) -> None:
+        save_checkpoint(
+            run_dir,
+            Checkpoint(
+                round=rnd,
+                run_key=run_key,
+                config=cfg.to_dict(),
+                shared=shared,
+                rows=rows,
+                failures=fails,
+                messages=transport.messages,
+                extra={"seconds": before + time.perf_counter() - t0},
+            ),
+        )
+
+    out = run_rounds(
+        transport,
+        cfg,
+        initial,
+        start_round=(ckpt.round + 1) if ckpt else 1,
+        rows=ckpt.rows if ckpt else None,
+        failures=ckpt.failures if ckpt else None,
+        checkpoint=checkpoint,
+        label=label,
+        verbose=True,
+    )
+    runtime = "flower-simulation" if type(grid).__name__ == "InMemoryGrid" else "flower-deployment"
+    result = build_result(
+        cfg,
+        out["rows"],
+        before + out["seconds"],
+        out["failures"],
+        transport.messages,
+        exp_id=run_key,
+        runtime=runtime,
+        final_shared=out["final_shared"],
+    )
+    result.save(run_dir)
+    print(f"[{label}] wrote {run_dir / 'results.json'}", flush=True)
+    return run_dir
 
 
 app = ServerApp()
@@ -109,17 +381,12 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Deployment entry: experiments from ``spec-path``, results to ``out-path``."""
-    spec_path = Path(str(context.run_config["spec-path"]))
-    out_path = Path(str(context.run_config["out-path"]))
-    blob = json.loads(spec_path.read_text())
-    specs = [ExperimentSpec(**s) for s in blob["specs"]]
-    outputs = run_experiments(
-        grid, specs, bool(blob.get("record_messages", False)), True
-    )
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    for o in outputs:  # tensors do not go into the JSON of the deployment's result
-        o.pop("final_shared", None)
-    tmp = out_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(outputs, default=str))
-    tmp.replace(out_path)
+    """Run every experiment of the run config (one, or ``run.batch``)."""
+    from medlora_lib.fl.client_app import experiment_of
+
+    rc = dict(context.run_config)
+    batch = str(rc.get("run.batch", "") or "")
+    n = len(json.loads(batch)) if batch else 1
+    for i in range(n):
+        cfg, options = experiment_of(rc, i)
+        run_experiment(grid, cfg, options, i)

@@ -1,19 +1,14 @@
-"""What one client does in one round, shared by the Flower apps and the in-process loop.
+"""What one site does in one round, shared by the Flower apps and the in-process runner.
 
 Chapters ``notebooks/03_fedavg_lora`` (the federated loop) and ``notebooks/04_med_dual_lora``
 (global + local adapters, what stays at the site).
 
-An :class:`ExperimentSpec` is everything a client needs to know about one experiment: the
-config, the absolute data folder, the client names and test-only hooks. It travels as a JSON
-string in the train / evaluate ``ConfigRecord`` (so the same apps serve several experiments
-in one simulation, and the Deployment Runtime needs no extra files).
-
-A :class:`ClientRuntime` holds one client's model (frozen backbone + the method's adapters)
+A :class:`ClientRuntime` holds one site's model (frozen backbone + the method's adapters)
 and its data (the frozen-prefix cache when ``train.use_prefix_cache`` and no augmentation).
-It is built once per process and experiment (:func:`get_runtime`) and kept in process memory;
-the trainable tensors are overwritten from the message (shared) and from ``context.state``
-(private) at the start of every call, so reusing it never leaks state between rounds, and
-a fresh process (Deployment Runtime) simply rebuilds it.
+It is built once per process and experiment (:func:`get_runtime`) and kept in process
+memory; the trainable tensors are overwritten from the message (shared) and from the
+site's private state at the start of every call, so reusing it never leaks state between
+rounds, and a fresh process (Deployment Runtime) simply rebuilds it.
 """
 
 from __future__ import annotations
@@ -34,11 +29,9 @@ from medlora_lib.errors import ConfigError, DataError
 __all__ = [
     "FEDERATED_METHODS",
     "INPROCESS_METHODS",
-    "ExperimentSpec",
     "ClientRuntime",
     "RoundOutput",
     "build_adapted_model",
-    "client_names",
     "get_runtime",
     "round_seed",
     "validate_config",
@@ -46,69 +39,21 @@ __all__ = [
 ]
 
 #: Methods that run through Flower (a server aggregates what clients send).
-FEDERATED_METHODS = (
-    "fedavg_lora",
-    "ffa_lora",
-    "fedsa_lora",
-    "fedprox_lora",
-    "med_dual_lora",
-)
+def _registry() -> Any:
+    from medlora_lib.adapters import METHODS
+
+    return METHODS
+
+
+FEDERATED_METHODS = tuple(n for n, m in _registry().items() if m.federated)
 #: Methods that run in-process (no server): same loop, same evaluation.
-INPROCESS_METHODS = ("local", "centralized")
+INPROCESS_METHODS = tuple(n for n, m in _registry().items() if not m.federated)
 
 
-@dataclass
-class ExperimentSpec:
-    """One experiment as the clients see it (JSON-serialisable).
-
-    Attributes:
-        exp_id: unique id inside a simulation (keys the clients' private state).
-        config: ``ExperimentConfig.to_dict()``.
-        data_dir: absolute path of the prepared data folder.
-        clients: client names in partition order (canonical vendor order).
-        fail: test hook ``{"partition": p, "round": r, "phase": "train"}``: that client
-            raises in that round (used only by the failure tests).
-    """
-
-    exp_id: str
-    config: dict[str, Any]
-    data_dir: str
-    clients: list[str]
-    fail: dict[str, Any] | None = None
-
-    @property
-    def cfg(self) -> ExperimentConfig:
-        return ExperimentConfig.from_dict(self.config)
-
-    @property
-    def method(self) -> str:
-        return str(self.config["method"])
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> ExperimentSpec:
-        return cls(**json.loads(text))
-
-
-def round_seed(seed: int, partition: int, rnd: int) -> int:
-    """The torch seed of client ``partition`` in round ``rnd`` (same inputs, same numbers)."""
-    return zlib.crc32(f"medlora/{seed}/{partition}/{rnd}".encode()) & 0x7FFFFFFF
-
-
-def client_names(data_dir: str | Path, clients: str = "vendor") -> list[str]:
-    """Client names of a prepared folder in partition order (canonical vendor order).
-
-    ``clients`` is ``fed.clients``: ``vendor`` or ``vendor+acdc`` (ACDC as a fifth
-    client, last); see :func:`medlora_lib.pipeline.client_of`.
-    """
-    from medlora_lib.data.manifest import VENDORS, read_manifest
-    from medlora_lib.pipeline import client_of
-
-    manifest = read_manifest(data_dir)
-    present = set(client_of(manifest, clients))
-    return [v for v in VENDORS if v in present] + sorted(present - set(VENDORS))
+def round_seed(seed: int, site: str, rnd: int) -> int:
+    """The torch seed of ``site`` in round ``rnd``: the same in every runtime (keyed by
+    the site's name, not by a SuperNode's position)."""
+    return zlib.crc32(f"medlora/{seed}/{site}/{rnd}".encode()) & 0x7FFFFFFF
 
 
 def build_adapted_model(cfg: ExperimentConfig, method: str | None = None) -> nn.Module:
@@ -150,40 +95,14 @@ def validate_config(cfg: ExperimentConfig) -> None:
     resolve_adapted_blocks(acfg.adapted_blocks, depth)
 
 
-def _check_shapes(
-    cfg: ExperimentConfig, clients: dict[str, Any], data_dir: Path
-) -> None:
-    want = (2, *cfg.data.image_size)
-    for name, cd in clients.items():
-        for split, (x, _) in cd.splits.items():
-            if tuple(x.shape[1:]) != want:
-                raise DataError(
-                    f"{data_dir}: client {name} split {split} holds images of shape "
-                    f"{tuple(x.shape[1:])} but the config expects {want} "
-                    f"(data.image_size={list(cfg.data.image_size)}); prepare the data "
-                    "with the same profile or set data.image_size to match"
-                )
-
-
-_DATA_CACHE: dict[str, Any] = {}
-_RUNTIMES: dict[tuple[str, int], ClientRuntime] = {}
+_RUNTIMES: dict[str, ClientRuntime] = {}
 _PREFIX_CACHE: dict[str, Any] = {}
 
 
 def clear_runtime_cache() -> None:
-    """Forget every runtime, data set and prefix cache held by this process."""
-    _DATA_CACHE.clear()
+    """Forget every runtime and prefix cache held by this process."""
     _RUNTIMES.clear()
     _PREFIX_CACHE.clear()
-
-
-def _load_data(data_dir: str, clients: str = "vendor") -> dict[str, Any]:
-    key = f"{clients}|{data_dir}"
-    if key not in _DATA_CACHE:
-        from medlora_lib.pipeline import load_client_data
-
-        _DATA_CACHE[key] = load_client_data(data_dir, clients=clients)[0]
-    return _DATA_CACHE[key]
 
 
 @dataclass
@@ -210,15 +129,16 @@ def _confusion(y: np.ndarray, prob: np.ndarray) -> dict[str, int]:
 
 @dataclass
 class ClientRuntime:
-    """One client's model and data for one experiment (kept in process memory).
+    """One site's model and data for one experiment (kept in process memory).
 
-    ``train_names`` are the clients whose training data this runtime trains on (one for
-    every federated method and ``local``, all of them for ``centralized``); ``eval_names``
-    are the clients it evaluates (its own, or all of them for ``centralized``).
+    ``site`` is the site this runtime trains for (its name keys the round seeds);
+    ``train_inputs`` hold the training data of ``site`` — or of every site for
+    ``centralized``, where one runtime stands for the pooled data; ``eval_sets`` are
+    the sites it evaluates (its own, or every site for ``centralized``).
     """
 
-    spec: ExperimentSpec
-    partition: int
+    cfg: ExperimentConfig
+    site: str
     model: nn.Module
     start_block: int | None
     train_inputs: dict[str, torch.Tensor]
@@ -232,58 +152,56 @@ class ClientRuntime:
     # ------------------------------------------------------------------ building
     @classmethod
     def build(
-        cls, spec: ExperimentSpec, partition: int, train_names: list[str] | None = None
+        cls,
+        cfg: ExperimentConfig,
+        sites: dict[str, Any],
+        site: str | None = None,
+        data_key: str = "",
     ) -> ClientRuntime:
+        """Build the runtime of ``site`` (``None``: one pooled runtime over ``sites``).
+
+        Args:
+            cfg: the experiment.
+            sites: ``{site: ClientData}`` already loaded (only what this runtime needs).
+            site: the site to train for; ``None`` pools every site (``centralized``).
+            data_key: identifies the data folder in the prefix-cache key.
+        """
         from medlora_lib.adapters import (
             first_adapted_block,
             get_private_state,
             get_shared_state,
         )
-        from medlora_lib.pipeline import adapter_config
         from medlora_lib.train import resolve_device
 
-        cfg = spec.cfg
         if cfg.train.num_threads > 0:
             torch.set_num_threads(cfg.train.num_threads)
-        if not 0 <= partition < len(spec.clients):
-            raise ConfigError(
-                f"partition-id {partition} is out of range for {len(spec.clients)} "
-                f"clients {spec.clients}; start one SuperNode per client with "
-                f"--node-config 'partition-id=N num-partitions={len(spec.clients)}'"
-            )
-        clients = _load_data(spec.data_dir, cfg.fed.clients)
-        names = train_names or [spec.clients[partition]]
-        missing = [
-            n for n in names if n not in clients or "train" not in clients[n].splits
-        ]
+        names = list(sites) if site is None else [site]
+        missing = [n for n in names if n not in sites or "train" not in sites[n].splits]
         if missing:
             raise DataError(
-                f"{spec.data_dir}: client(s) {missing} have no training split; check "
-                "manifest.csv"
+                f"site(s) {missing} have no training split; check manifest.csv"
             )
-        _check_shapes(cfg, clients, Path(spec.data_dir))
         model = build_adapted_model(cfg)
         device = resolve_device(cfg.train.device)
         use_cache = cfg.train.use_prefix_cache and not cfg.data.augment
-        acfg = adapter_config(cfg)
-        start = first_adapted_block(acfg, model) if use_cache else None
+        start = first_adapted_block(cfg.adapter_config(), model) if use_cache else None
         model.eval()
 
         def inputs(name: str, split: str) -> dict[str, torch.Tensor]:
-            x = clients[name].splits[split][0]
+            x = sites[name].splits[split][0]
             if start is None:
                 return {"image": x}
             key = json.dumps(
                 [
                     cfg.model.__dict__,
                     cfg.data.image_size,
-                    spec.data_dir,
+                    data_key,
                     cfg.seed if cfg.model.pretrained == "none" else None,
                     start,
                     name,
                     split,
-                    # the subjects themselves (a client's split depends on fed.clients)
-                    zlib.crc32("\n".join(clients[name].subjects[split]).encode()),
+                    # the subjects themselves (a site's split depends on partition_by)
+                    zlib.crc32("\n".join(sites[name].subjects[split]).encode()),
                     int(x.shape[0]),
                 ],
                 default=str,
@@ -299,20 +217,19 @@ class ClientRuntime:
 
         tr = [inputs(n, "train") for n in names]
         train_inputs = {k: torch.cat([t[k] for t in tr]) for k in tr[0]}
-        train_labels = torch.cat([clients[n].splits["train"][1] for n in names])
-        eval_names = names if train_names else [spec.clients[partition]]
+        train_labels = torch.cat([sites[n].splits["train"][1] for n in names])
         eval_sets = {
             n: {
-                s: (inputs(n, s), clients[n].splits[s][1])
+                s: (inputs(n, s), sites[n].splits[s][1])
                 for s in ("val", "test")
-                if s in clients[n].splits
+                if s in sites[n].splits
             }
-            for n in eval_names
+            for n in names
         }
         model.to(device)
         return cls(
-            spec=spec,
-            partition=partition,
+            cfg=cfg,
+            site=site if site is not None else "pooled",
             model=model,
             start_block=start,
             train_inputs=train_inputs,
@@ -350,11 +267,12 @@ class ClientRuntime:
         private: dict[str, torch.Tensor] | None,
         rnd: int,
         proximal_mu: float = 0.0,
+        lr: float | None = None,
     ) -> RoundOutput:
         """Load state, train ``train.local_epochs`` epochs, return the new state.
 
         The random state (batch order, dropout) is seeded by
-        :func:`round_seed` ``(seed, partition, rnd)``; the optimiser (AdamW) starts afresh
+        :func:`round_seed` ``(seed, site, rnd)``; the optimiser (AdamW) starts afresh
         every round (our choice: optimiser state never crosses rounds or leaves the site).
         """
         import time
@@ -367,13 +285,16 @@ class ClientRuntime:
         from medlora_lib.train import class_weights, make_optimizer, train_one_epoch
 
         t0 = time.perf_counter()
-        cfg = self.spec.cfg
+        cfg = self.cfg
         self.load(shared, private)
-        seed = round_seed(cfg.seed, self.partition, rnd)
+        seed = round_seed(cfg.seed, self.site, rnd)
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = make_optimizer(params, cfg.train)
+        if lr is not None:  # the server's learning rate for this round
+            for group in optimizer.param_groups:
+                group["lr"] = float(lr)
         weight = (
             class_weights(self.train_labels)
             if cfg.train.class_weighting == "balanced"
@@ -451,7 +372,7 @@ class ClientRuntime:
         self.load(shared, private)
         self.model.eval()
         out = {}
-        dual = METHODS[self.spec.method].has_local_adapter
+        dual = METHODS[self.cfg.method].has_local_adapter
         for name in self.eval_sets:
             m = self._metrics("", name)
             if dual:
@@ -482,12 +403,12 @@ class _local_adapter_off:
                 p.copy_(s)
 
 
-def get_runtime(spec: ExperimentSpec, partition: int) -> ClientRuntime:
-    """The client's runtime for this experiment, built once per process and kept."""
-    key = (spec.exp_id + "/" + spec.to_json(), partition)
+def get_runtime(key: str, build: Any) -> ClientRuntime:
+    """The runtime stored under ``key``, built by ``build()`` once per process.
+
+    Experiments run one after the other: building a new one drops the others' models.
+    """
     if key not in _RUNTIMES:
-        # experiments run one after the other: drop the other experiments' models
-        for old in [k for k in _RUNTIMES if k[0] != key[0]]:
-            del _RUNTIMES[old]
-        _RUNTIMES[key] = ClientRuntime.build(spec, partition)
+        _RUNTIMES.clear()
+        _RUNTIMES[key] = build()
     return _RUNTIMES[key]
