@@ -35,6 +35,7 @@ __all__ = [
     "to_run_config",
     "from_run_config",
     "run_config_defaults",
+    "experiment_of",
     "flat_key",
     "config_hash",
     "default_cache_dir",
@@ -369,8 +370,12 @@ class ExperimentConfig:
         except ConfigError as exc:
             text = str(exc)
             if text.startswith("AdapterConfig.method"):
+                from medlora_lib.adapters import METHODS
+
                 raise ConfigError(
-                    f"config field `method`: {text.split(' ', 1)[1]}"
+                    f"config field `method`: unknown method {method or self.method!r}"
+                    + _nearest(str(method or self.method), list(METHODS))
+                    + f" (methods: {', '.join(METHODS)})"
                 ) from None
             name = next(
                 (f.name for f in dataclasses.fields(AdapterSection) if f.name in text),
@@ -785,3 +790,26 @@ def default_cache_dir() -> Path:
     if env:
         return Path(env).expanduser().resolve()
     return (Path.home() / ".cache" / "medlora").resolve()
+
+
+def experiment_of(
+    run_config: dict[str, Any], index: int
+) -> tuple[ExperimentConfig, RunOptions]:
+    """The ``index``-th experiment of a Flower run config.
+
+    A run holds one experiment (its run config), or several listed in ``run.batch``
+    (a JSON list of flattened run configs: the book runs many experiments in one Flower
+    run so that the Simulation Runtime starts once).
+
+    Raises:
+        ConfigError: no such experiment, or a bad key / value in it.
+    """
+    batch = str(run_config.get("run.batch", "") or "")
+    if not batch:
+        if index != 0:
+            raise ConfigError(f"experiment {index} asked of a run with one experiment")
+        return from_run_config(dict(run_config))
+    items = json.loads(batch)
+    if not 0 <= index < len(items):
+        raise ConfigError(f"experiment {index} asked of a batch of {len(items)}")
+    return from_run_config(items[index])

@@ -39,12 +39,12 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from medlora_lib.config import experiment_of
 from medlora_lib.errors import ConfigError, DataError
+from medlora_lib.fl.strategies import PREV_EVAL_PREFIX
 
 __all__ = ["app", "SiteContext", "site_context", "PREV_EVAL_PREFIX", "SiteError"]
 
-#: Prefix of the metrics of the previous round's model that a train reply carries.
-PREV_EVAL_PREFIX = "prev-eval/"
 NODE_KEYS = ("data-path", "state-dir", "model-path", "site-name")
 
 app = ClientApp()
@@ -65,21 +65,6 @@ class SiteContext:
     state_dir: Path | None
     deployed: bool  # a real SuperNode (paths from its node config)
     num_sites: int = 0
-
-
-def experiment_of(run_config: dict[str, Any], index: int) -> tuple[Any, Any]:
-    """The ``index``-th experiment of a run config (``run.batch`` or the run config)."""
-    from medlora_lib.config import from_run_config
-
-    batch = str(run_config.get("run.batch", "") or "")
-    if not batch:
-        if index != 0:
-            raise ConfigError(f"experiment {index} asked of a run with one experiment")
-        return from_run_config(dict(run_config))
-    items = json.loads(batch)
-    if not 0 <= index < len(items):
-        raise ConfigError(f"experiment {index} asked of a batch of {len(items)}")
-    return from_run_config(items[index])
 
 
 _CONTEXTS: dict[str, SiteContext] = {}

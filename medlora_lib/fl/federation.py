@@ -283,6 +283,8 @@ def run_rounds(
                 f"missing: {', '.join(missing) or 'none'}. Restart the missing "
                 "SuperNodes and run again: the run resumes from round "
                 f"{rnd - 1} (its last checkpoint)."
+                + (f" The first failure: {out.failures[0]['site']}: "
+                   f"{out.failures[0]['reason']}" if out.failures else "")
             )
         elapsed = time.perf_counter() - t0
         for site, rep in out.replies.items():

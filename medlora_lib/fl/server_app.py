@@ -32,11 +32,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from medlora_lib.errors import ConfigError
 from medlora_lib.fl.federation import FederationError, RoundOutcome, SiteReply
-from medlora_lib.fl.strategies import MedloraFedAvg
+from medlora_lib.fl.strategies import PREV_EVAL_PREFIX, MedloraFedAvg
 
 __all__ = ["app", "GridSites", "run_experiment"]
-
-PREV_EVAL_PREFIX = "prev-eval/"
 
 
 def _short_reason(reason: str) -> str:
@@ -382,7 +380,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run every experiment of the run config (one, or ``run.batch``)."""
-    from medlora_lib.fl.client_app import experiment_of
+    from medlora_lib.config import experiment_of
 
     rc = dict(context.run_config)
     batch = str(rc.get("run.batch", "") or "")

@@ -81,6 +81,9 @@ def plan(configs: list[ExperimentConfig], use_cache: bool, scratch: Path) -> lis
             )
         validate_config(cfg)
         data_dir = resolve_data_dir(cfg, verbose=False)
+        from medlora_lib.data.manifest import read_manifest
+
+        read_manifest(data_dir)  # every listed array exists (before anything starts)
         names = site_names(data_dir, cfg.fed.partition_by)
         unknown = [c for c in cfg.fed.exclude if c not in names]
         if unknown:

@@ -30,7 +30,11 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-__all__ = ["MedloraFedAvg", "ROUND_CONFIG_KEYS"]
+__all__ = ["MedloraFedAvg", "ROUND_CONFIG_KEYS", "PREV_EVAL_PREFIX"]
+
+#: Prefix of the metrics of the previous round's model that a train reply carries
+#: (evaluation rides on the next round's train message).
+PREV_EVAL_PREFIX = "prev-eval/"
 
 #: The only keys of a train message's config (a test checks every message).
 ROUND_CONFIG_KEYS = (
