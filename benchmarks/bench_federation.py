@@ -3,8 +3,9 @@
 Side by side in one run (chapter ``notebooks/06_communication_analysis``):
 
 1. **Flower's share** — the same training (same methods, rounds, seeds) through the plain
-   in-process loop (:func:`medlora_lib.fl.run_inprocess`, no Flower, one client after the
-   other) and through :func:`medlora_lib.fl.simulate` (Flower Simulation Runtime, Ray);
+   in-process loop (``simulate(..., runtime="inprocess")``, no Flower, one site after the
+   other) and through :func:`medlora_lib.fl.simulate` (``flwr run`` on a Simulation-Runtime
+   SuperLink, Ray);
    both wall times and ``share = 1 - plain / flower``. The simulation runs twice: as
    users run it (one client per CPU at a time) and with one client at a time like the
    plain loop — the like-for-like orchestration share. Its time is given with and
@@ -51,21 +52,16 @@ def _inprocess_child(args: tuple) -> dict:
     """Run methods one after the other in this (fresh) process through the plain loop."""
     profile, methods, rounds, extra = args
     import medlora_lib.adapters  # noqa: F401  (imports outside the timing)
-    from medlora_lib.fl.simulate import (
-        prepare_specs,
-        run_inprocess,
-        steady_seconds_per_round,
-    )
+    from medlora_lib.fl import simulate
 
     out = {}
     t0 = time.perf_counter()
     for method in methods:
         cfg = _config(profile, method, rounds, extra)
-        spec = prepare_specs([cfg])[0]
-        rows, secs = run_inprocess(spec, verbose=False)
+        res = simulate(cfg, runtime="inprocess", verbose=False)
         out[method] = {
-            "plain_s": secs,
-            "plain_s_per_round": steady_seconds_per_round(pd.DataFrame(rows)),
+            "plain_s": res.seconds,
+            "plain_s_per_round": res.seconds_per_round(),
         }
     total = time.perf_counter() - t0
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -160,18 +156,17 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
         sim_df = pd.DataFrame(rows).set_index("method")
+        # 4: what keeping state costs a round: the server's checkpoint and each site's
+        # writes under its state-dir, against the steady-state seconds per round
+        ck = pd.concat([r.rounds for r in results])
+        per_round = float(sim_df["flower_s_per_round"].median())
+        ck_s = float(ck.groupby(["method", "round"])["checkpoint_s"].max().median())
+        st_s = float(ck["state_seconds"].median())
 
         # 1c: the same simulation with ONE client at a time (1 CPU for Ray), i.e. the
         # plain loop's parallelism: the difference is orchestration alone
         t0 = time.perf_counter()
-        seq = simulate(
-            cfgs,
-            verbose=False,
-            backend_config={
-                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                "init_args": {"num_cpus": 1},
-            },
-        )
+        seq = simulate(cfgs, verbose=False, max_parallel=1)
         flower_seq_total = time.perf_counter() - t0
         flower_seq_exp = float(sum(r.seconds for r in seq))
 
@@ -216,6 +211,12 @@ def main(argv: list[str] | None = None) -> int:
             "note: both use 1 torch thread per client (train.num_threads=1); the "
             "simulation runs up to one client per CPU at a time, the plain loop one "
             "after the other."
+        )
+    if fed:
+        print(
+            f"persistence per round (median): server checkpoint {ck_s * 1e3:.1f} ms, "
+            f"a site's state writes {st_s * 1e3:.1f} ms (in parallel across sites), "
+            f"round {per_round:.2f} s -> {(ck_s + st_s) / per_round:.1%} of a round"
         )
     ok = bool(table["match"].fillna(True).all())
     print(f"bytes measured == closed form for every method: {ok}")

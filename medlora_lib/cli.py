@@ -181,7 +181,6 @@ def _run_config(args: argparse.Namespace):
 
 def _cmd_run(args: argparse.Namespace, deploy: bool = False) -> None:
     from medlora_lib.config import config_hash
-
     from medlora_lib.errors import ConfigError
 
     cfg = _run_config(args)

@@ -407,8 +407,10 @@ class ExperimentConfig:
             values = dict(values)
             _check_names(name, klass, values)
             built[name] = klass(
-                **{k: _coerce(f"{name}.{k}", _field_type(klass, k), v)
-                   for k, v in values.items()}
+                **{
+                    k: _coerce(f"{name}.{k}", _field_type(klass, k), v)
+                    for k, v in values.items()
+                }
             )
         return cls(
             profile=str(d.get("profile", "cpu")),
@@ -596,8 +598,10 @@ def _coerce(key: str, typ: str, value: Any) -> Any:
         items: Any = value
         if isinstance(value, str):
             s = value.strip().strip("[]()")
-            if "tuple" in base and base.startswith("str |") and not (
-                "," in s or s.lstrip("-").isdigit()
+            if (
+                "tuple" in base
+                and base.startswith("str |")
+                and not ("," in s or s.lstrip("-").isdigit())
             ):
                 return value  # e.g. adapter.adapted_blocks="last2"
             items = [v.strip().strip("'\"") for v in s.split(",") if v.strip()]
@@ -655,7 +659,8 @@ def get_config(
             if section in _SECTIONS:
                 _check_names(section, _SECTIONS[section], {k.split(".", 1)[-1]: v})
             raise ConfigError(
-                f"config key `{k}` does not exist" + _nearest(k, valid)
+                f"config key `{k}` does not exist"
+                + _nearest(k, valid)
                 + "; use method, seed, profile or data./model./adapter./train./fed."
             )
         _set_dotted(tree, k, v)
@@ -738,13 +743,16 @@ def from_run_config(
     if unknown:
         k = unknown[0]
         raise ConfigError(
-            f"run-config key `{k}` does not exist" + _nearest(k, list(defaults))
+            f"run-config key `{k}` does not exist"
+            + _nearest(k, list(defaults))
             + " (the keys are those of [tool.flwr.app.config] in pyproject.toml)"
         )
     rc = {**defaults, **run_config}
     opts_kw = {}
     for fk, name in _run_option_keys().items():
-        opts_kw[name] = _coerce(flat_key(f"run.{name}"), _field_type(RunOptions, name), rc[fk])
+        opts_kw[name] = _coerce(
+            flat_key(f"run.{name}"), _field_type(RunOptions, name), rc[fk]
+        )
     options = RunOptions(**opts_kw)
     _check(
         options.resume in ("auto", "never", "require"),

@@ -22,3 +22,46 @@ def failing_app(tmp: Path) -> Path:
     (app / "pyproject.toml").write_text(text)
     shutil.copy(ROOT / "tests" / "fixtures" / "failing_app" / "failing_client.py", app)
     return app
+
+
+def check_message_keys(result) -> None:
+    """Every message of ``result.messages`` holds only what the issue allows: the shared
+    tensors, the round's config (:data:`ROUND_CONFIG_KEYS`) and scalar metrics."""
+    from medlora_lib.adapters import get_shared_state
+    from medlora_lib.fl.strategies import ROUND_CONFIG_KEYS
+    from medlora_lib.fl.task import build_adapted_model
+
+    shared = set(get_shared_state(build_adapted_model(result.config)))
+    assert result.messages
+    seen = set()
+    for m in result.messages:
+        assert "error" not in m, m
+        recs = m["records"]
+        kinds = {name: rec["type"] for name, rec in recs.items()}
+        key = (m["direction"], m["phase"])
+        seen.add(key)
+        if key == ("down", "query"):
+            assert kinds == {"config": "ConfigRecord"}
+        elif key == ("up", "query"):
+            assert kinds == {"site": "ConfigRecord", "metrics": "MetricRecord"}
+            assert recs["site"]["keys"] == ["site"]
+            assert recs["metrics"]["keys"] == ["num-examples"]
+        elif m["direction"] == "down":  # train and evaluate instructions
+            assert kinds == {"arrays": "ArrayRecord", "config": "ConfigRecord"}
+            assert tuple(recs["config"]["keys"]) == ROUND_CONFIG_KEYS
+        elif key == ("up", "train"):
+            assert kinds == {"arrays": "ArrayRecord", "metrics": "MetricRecord"}
+            keys = set(recs["metrics"]["keys"])
+            fixed = {"num-examples", "train-loss", "train-seconds", "state-seconds"}
+            assert fixed <= keys
+            assert all(k.startswith("prev-eval/") for k in keys - fixed)
+        else:
+            assert key == ("up", "evaluate") and kinds == {"metrics": "MetricRecord"}
+        for rec in recs.values():
+            if rec["type"] == "ArrayRecord":
+                assert set(rec["keys"]) == shared
+            else:  # scalars and short strings only: no experiment JSON, no paths
+                assert set(rec["value_types"]) <= {"int", "float", "str", "bool"}
+    assert seen == {
+        (d, p) for d in ("down", "up") for p in ("query", "train", "evaluate")
+    }

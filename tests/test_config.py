@@ -113,7 +113,9 @@ def test_run_config_round_trips_every_profile_and_override():
         get_config("smoke", method="fedsa_lora", seed=4),
         # equal to the cpu default but not to paper's: must survive the round trip
         get_config("paper", overrides={"train.batch_size": 16, "adapter.lora_rank": 4}),
-        get_config("cpu", overrides=["adapter.adapted_blocks=[-2,-1]", "fed.exclude=GE"]),
+        get_config(
+            "cpu", overrides=["adapter.adapted_blocks=[-2,-1]", "fed.exclude=GE"]
+        ),
     ):
         again, _ = from_run_config(to_run_config(cfg))
         assert again == cfg

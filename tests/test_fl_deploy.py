@@ -1,110 +1,157 @@
-"""The same apps on Flower's Deployment Runtime (SuperLink + 2 SuperNodes on loopback).
-
-Checks that one round gives exactly the simulation's result for the same seed.
+"""The project's Flower App on a loopback Deployment Runtime (SuperLink + a SuperNode per
+site): TLS with SuperNode authentication, a SuperNode killed and restarted mid-run, the
+SuperLink killed and the run resumed — each compared with the simulation of the same seed.
 """
 
 from __future__ import annotations
 
-import shutil
+import os
+import signal
+import threading
+import time
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from medlora_lib.config import get_config
 from medlora_lib.fl import simulate
-from medlora_lib.fl.deploy import deploy, write_app_dir
-from medlora_lib.pipeline import resolve_data_dir
+from medlora_lib.fl.deploy import Deployment
+
+pytestmark = pytest.mark.slow
+
+
+def _cfg(rounds: int = 2, **fed):
+    overrides = {
+        "model.pretrained": "none",
+        "fed.num_rounds": rounds,
+        "train.num_threads": 1,
+        "fed.exclude": ["GE", "Canon"],  # two sites: Siemens and Philips
+        **{f"fed.{k}": v for k, v in fed.items()},
+    }
+    return get_config("smoke", overrides=overrides, method="med_dual_lora", seed=3)
 
 
 @pytest.fixture(scope="module")
-def two_vendor_data(tmp_path_factory):
-    src = resolve_data_dir(get_config("smoke"), verbose=False)
-    dst = tmp_path_factory.mktemp("two") / "data"
-    shutil.copytree(src, dst)
-    m = pd.read_csv(dst / "manifest.csv", dtype=str, keep_default_na=False)
-    m[m.vendor.isin(["Siemens", "Philips"])].to_csv(dst / "manifest.csv", index=False)
-    return dst
+def reference():
+    """The uninterrupted simulation every deployment must reproduce."""
+    return {r: simulate(_cfg(r), verbose=False) for r in (2, 3)}
 
 
-def test_generated_app_dir_leaves_project_pyproject_alone(tmp_path):
-    from pathlib import Path
-
-    project = Path(__file__).resolve().parent.parent / "pyproject.toml"
-    before = project.read_text()
-    app = write_app_dir(tmp_path / "app", tmp_path / "s.json", tmp_path / "o.json")
-    text = (app / "pyproject.toml").read_text()
-    assert "[tool.flwr.app.components]" in text and str(tmp_path / "s.json") in text
-    assert "tool.flwr" not in before and project.read_text() == before
-
-
-@pytest.mark.slow
-def test_deployment_equals_simulation(two_vendor_data, tmp_path):
-    cfg = get_config(
-        "smoke",
-        overrides=[
-            'model.pretrained="none"',
-            "fed.num_rounds=1",
-            "train.num_threads=1",
-            f'data.data_dir="{two_vendor_data}"',
-        ],
-        method="med_dual_lora",
-        seed=3,
+def _same(dep, sim) -> None:
+    a, b = dep.rounds, sim.rounds
+    assert (
+        list(a["client"])
+        == list(b["client"])
+        == ["Siemens", "Philips"] * len(set(a["round"]))
     )
-    dep = deploy(cfg, work_dir=tmp_path / "work", timeout=420, verbose=False)
-    sim = simulate(cfg, verbose=False)
-    assert dep.provenance["runtime"] == "flower-deployment"
-    assert list(dep.rounds["client"]) == ["Siemens", "Philips"]
-    assert dep.failures == []
-    np.testing.assert_allclose(
-        dep.rounds["train_loss"], sim.rounds["train_loss"], rtol=1e-6
+    np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=1e-6)
+    for c in ("val_balanced_accuracy", "test_balanced_accuracy", "test_tp", "test_tn"):
+        np.testing.assert_array_equal(a[c], b[c])
+    for k, v in sim.final_shared.items():
+        np.testing.assert_allclose(dep.final_shared[k].numpy(), v.numpy(), atol=1e-6)
+
+
+def _wait_for(path, proc_ok, timeout=300.0):
+    t0 = time.monotonic()
+    while not path.exists():
+        assert proc_ok(), "the run ended before the checkpoint appeared"
+        assert time.monotonic() - t0 < timeout, f"no {path} after {timeout} s"
+        time.sleep(0.2)
+
+
+def _in_thread(dep, out: dict) -> threading.Thread:
+    def go():
+        try:
+            out["status"] = dep.run(timeout=600)
+        except BaseException as exc:  # reported by the test
+            out["error"] = exc
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    return t
+
+
+def test_tls_and_supernode_auth_deployment_equals_simulation(reference, tmp_path):
+    from tests.flower_apps import check_message_keys
+
+    t0 = time.perf_counter()
+    dep = Deployment(
+        _cfg(2), tmp_path / "w", tls=True, supernode_auth=True, record_messages=True
     )
-    cols = [
-        c for c in sim.rounds.columns if c.startswith(("val_", "test_", "global_only_"))
-    ]
-    pd.testing.assert_frame_equal(dep.rounds[cols], sim.rounds[cols])
-    pd.testing.assert_frame_equal(dep.final, sim.final)
-    assert (dep.rounds["bytes_up"] == sim.rounds["bytes_up"]).all()
+    try:
+        link = dep.start_superlink()
+        assert "--insecure" not in link.command()
+        for s in dep.sites:
+            dep.start_supernode(s)
+        assert dep.run(timeout=600) == 0
+        result = dep.result()
+    finally:
+        dep.stop()
+    print(f"TLS + auth deployment: {time.perf_counter() - t0:.1f} s")
+    assert result.provenance["runtime"] == "flower-deployment"
+    assert result.failures == []
+    _same(result, reference[2])
+    check_message_keys(result)  # the same key sets as in the Simulation Runtime
+    # every site kept its private state and the model it uses on its own disk
+    for s in dep.sites:
+        runs = [p for p in (dep.work / "sites-state" / s).iterdir() if p.is_dir()]
+        assert len(runs) == 1 and (runs[0] / "deployed-best" / "local_adapter").is_dir()
 
 
-@pytest.mark.slow
-def test_medlora_deploy_cli_end_to_end(two_vendor_data, tmp_path, capsys):
-    """``medlora deploy`` (the command a user types): 2 SuperNodes, 2 rounds, results
-    written, and the metrics equal to the plain in-process loop for the same seed (the
-    second round exercises evaluation inside the next train message)."""
-    from medlora_lib.cli import main
-    from medlora_lib.fl.simulate import RunResult, prepare_specs, run_inprocess
+def test_a_killed_supernode_restarts_and_continues_from_its_state(reference, tmp_path):
+    # two sites: the round must go on with one (fed.min_sites=1) while the other is away
+    dep = Deployment(_cfg(3, round_timeout=40.0, min_sites=1), tmp_path / "w")
+    out: dict = {}
+    try:
+        dep.start_superlink()
+        for s in dep.sites:
+            dep.start_supernode(s)
+        thread = _in_thread(dep, out)
+        _wait_for(dep.run_dir / "checkpoint" / "round-0001", thread.is_alive)
+        victim = dep.nodes["Philips"]
+        os.killpg(victim.pid, signal.SIGKILL)  # the SuperNode and its ClientApp process
+        victim.wait(timeout=30)
+        log = dep.work / "nodes" / "Philips.log"
+        before = log.stat().st_size
+        time.sleep(1.0)
+        dep.start_supernode("Philips")  # same data-path and state-dir
+        thread.join(timeout=600)
+        assert not thread.is_alive() and "error" not in out, out
+        result = dep.result()
+    finally:
+        dep.stop()
+    after = log.read_text()[before:]
+    # the restarted SuperNode continued from its saved local adapter, not from scratch
+    assert "site Philips: round" in after
+    assert "starts from its saved state of round" in after
+    assert "starts from its initial state" not in after
+    assert sorted(set(result.rounds["round"])) == [1, 2, 3]
+    missed = [f for f in result.failures if f["site"] == "Philips"]
+    assert all(f["round"] >= 2 for f in missed)
+    # Siemens trained every round; the run completed with both sites in the last one
+    last = result.rounds[result.rounds["round"] == 3].set_index("client")
+    assert last["train_loss"].notna().all()
 
-    out = tmp_path / "out"
-    args = [
-        "deploy",
-        "--method",
-        "fedavg_lora",
-        "--profile",
-        "smoke",
-        "--data",
-        str(two_vendor_data),
-        "--out",
-        str(out),
-        "--seed",
-        "5",
-        "--timeout",
-        "420",
-        "--quiet",
-        "--set",
-        'model.pretrained="none"',
-        "fed.num_rounds=2",
-        "train.num_threads=1",
-    ]
-    assert main(args) in (0, None)
-    printed = capsys.readouterr().out
-    assert "wrote" in printed and "results.json" in printed
-    dep = RunResult.load(out)
-    assert dep.provenance["runtime"] == "flower-deployment"
-    assert sorted(dep.rounds["round"].unique()) == [1, 2]
-    assert dep.comm["matches_closed_form"]
-    rows, _ = run_inprocess(prepare_specs([dep.config])[0], verbose=False)
-    plain = pd.DataFrame(rows)
-    np.testing.assert_allclose(dep.rounds["train_loss"], plain["train_loss"], rtol=1e-6)
-    for c in ("val_balanced_accuracy", "test_balanced_accuracy", "test_tp", "test_fn"):
-        np.testing.assert_array_equal(dep.rounds[c], plain[c])
+
+def test_a_killed_superlink_resumes_and_equals_an_uninterrupted_run(
+    reference, tmp_path
+):
+    dep = Deployment(_cfg(3), tmp_path / "w")
+    out: dict = {}
+    try:
+        link = dep.start_superlink()
+        for s in dep.sites:
+            dep.start_supernode(s)
+        thread = _in_thread(dep, out)
+        _wait_for(dep.run_dir / "checkpoint" / "round-0001", thread.is_alive)
+        os.killpg(link.proc.pid, signal.SIGKILL)  # the SuperLink and its ServerApp
+        link.proc.wait(timeout=30)
+        thread.join(timeout=120)
+        assert not (dep.run_dir / "results.json").exists()
+        dep.start_superlink()  # same port and state database; the SuperNodes reconnect
+        assert dep.run(timeout=600) == 0  # the same run config: resumes
+        result = dep.result()
+    finally:
+        dep.stop()
+    assert "resuming" in (dep.work / "flwr-run.log").read_text()
+    _same(result, reference[3])

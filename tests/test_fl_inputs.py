@@ -200,9 +200,13 @@ def test_acdc_as_fifth_site(data_dir):
 
 
 def test_sites_by_centre(data_dir):
-    cfg = get_config("smoke", overrides=[*SMOKE, "fed.partition_by=centre"], method="local")
+    cfg = get_config(
+        "smoke", overrides=[*SMOKE, "fed.partition_by=centre"], method="local"
+    )
     r = simulate(cfg, verbose=False)
-    assert "Philips-2" in set(r.rounds["client"]) and "Philips-3" in set(r.rounds["client"])
+    assert "Philips-2" in set(r.rounds["client"]) and "Philips-3" in set(
+        r.rounds["client"]
+    )
 
 
 def test_old_results_with_fed_clients_still_load():

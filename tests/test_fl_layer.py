@@ -51,7 +51,9 @@ def test_a_site_loads_only_its_own_arrays(smoke_dir, monkeypatch):
 
     opened = []
     real = np.load
-    monkeypatch.setattr(np, "load", lambda p, *a, **k: (opened.append(str(p)), real(p, *a, **k))[1])
+    monkeypatch.setattr(
+        np, "load", lambda p, *a, **k: (opened.append(str(p)), real(p, *a, **k))[1]
+    )
     m = pd.read_csv(smoke_dir / "manifest.csv")
     cd = load_site(smoke_dir, "Philips-3", "centre")
     own = set(m[(m.vendor == "Philips") & (m.centre.astype(str) == "3")]["path"])
@@ -123,16 +125,29 @@ def test_checkpoint_resume_and_refusals(tmp_path):
     for rnd in (1, 2, 3):
         save_checkpoint(
             tmp_path,
-            Checkpoint(rnd, "key", cfg.to_dict(), {"w": torch.full((2,), float(rnd))}, rows=[{"round": rnd}]),
+            Checkpoint(
+                rnd,
+                "key",
+                cfg.to_dict(),
+                {"w": torch.full((2,), float(rnd))},
+                rows=[{"round": rnd}],
+            ),
         )
     ck = load_checkpoint(tmp_path)
     assert ck.round == 3 and torch.equal(ck.shared["w"], torch.full((2,), 3.0))
-    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == ["round-0002", "round-0003"]
+    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == [
+        "round-0002",
+        "round-0003",
+    ]
     check_resumable(ck, cfg.to_dict(), tmp_path)  # same config: fine
     # an operational key may change on resume
-    check_resumable(ck, get_config("smoke", overrides=["fed.round_timeout=5"]).to_dict(), tmp_path)
+    check_resumable(
+        ck, get_config("smoke", overrides=["fed.round_timeout=5"]).to_dict(), tmp_path
+    )
     with pytest.raises(ConfigError, match=r"first differing key: train\.lr"):
-        check_resumable(ck, get_config("smoke", overrides=["train.lr=0.5"]).to_dict(), tmp_path)
+        check_resumable(
+            ck, get_config("smoke", overrides=["train.lr=0.5"]).to_dict(), tmp_path
+        )
     # a damaged newest round falls back to the previous one
     (tmp_path / "checkpoint" / "round-0003" / "shared.safetensors").write_bytes(b"x")
     assert load_checkpoint(tmp_path).round == 2
@@ -166,7 +181,9 @@ def test_server_cannot_choose_the_weights_file_of_a_site(smoke_dir, tmp_path):
     from medlora_lib.fl.client_app import site_context
 
     ge = split_into_sites(smoke_dir, tmp_path, "vendor", ["GE"])["GE"]
-    rc = to_run_config(get_config("smoke", overrides=['model.pretrained="/etc/passwd"']))
+    rc = to_run_config(
+        get_config("smoke", overrides=['model.pretrained="/etc/passwd"'])
+    )
     with pytest.raises(ConfigError, match="model-path"):
         site_context(rc, {"data-path": str(ge), "state-dir": str(tmp_path / "st")}, 0)
 
@@ -220,15 +237,31 @@ def _site(name: str, node: int, state: dict):
     def answer(m: Message):
         kind = m.metadata.message_type
         if kind == "query":
-            content = RecordDict({"site": ConfigRecord({"site": name}), "metrics": MetricRecord({"num-examples": 3})})
+            content = RecordDict(
+                {
+                    "site": ConfigRecord({"site": name}),
+                    "metrics": MetricRecord({"num-examples": 3}),
+                }
+            )
         elif kind == "train":
             w = m.content["arrays"].to_torch_state_dict()["w"] + 1
             state[name] = state.get(name, 0) + 1
             content = RecordDict(
-                {"arrays": ArrayRecord({"w": w}), "metrics": MetricRecord({"num-examples": 3, "train-loss": 0.5, "train-seconds": 0.0})}
+                {
+                    "arrays": ArrayRecord({"w": w}),
+                    "metrics": MetricRecord(
+                        {"num-examples": 3, "train-loss": 0.5, "train-seconds": 0.0}
+                    ),
+                }
             )
         else:
-            content = RecordDict({"metrics": MetricRecord({"num-examples": 1, "val_balanced_accuracy": 0.7})})
+            content = RecordDict(
+                {
+                    "metrics": MetricRecord(
+                        {"num-examples": 1, "val_balanced_accuracy": 0.7}
+                    )
+                }
+            )
         rep = Message(content, reply_to=m)
         rep.metadata.__dict__["_src_node_id"] = node
         return rep
@@ -240,7 +273,9 @@ def _transport(grid, **fed):
     from medlora_lib.fl.server_app import GridSites
     from medlora_lib.fl.strategies import MedloraFedAvg
 
-    cfg = get_config("smoke", method="fedavg_lora", overrides={f"fed.{k}": v for k, v in fed.items()})
+    cfg = get_config(
+        "smoke", method="fedavg_lora", overrides={f"fed.{k}": v for k, v in fed.items()}
+    )
     return GridSites(grid, cfg, MedloraFedAvg(lr=1e-3, run_key="k")), cfg
 
 
@@ -248,7 +283,9 @@ def test_fewer_sites_than_needed_is_a_clear_timeout_not_a_hang():
     grid = FakeGrid({1: _site("GE", 1, {})})
     t, _ = _transport(grid, min_sites=2, connect_timeout=0.5)
     t0 = time.monotonic()
-    with pytest.raises(FederationError, match=r"only 1 site\(s\) connected .*GE.*fed.min_sites=2"):
+    with pytest.raises(
+        FederationError, match=r"only 1 site\(s\) connected .*GE.*fed.min_sites=2"
+    ):
         t.connect()
     assert time.monotonic() - t0 < 5
 
@@ -257,19 +294,35 @@ def test_a_silent_site_times_out_by_name_and_the_round_goes_on():
     from medlora_lib.fl.federation import run_rounds
 
     calls: dict = {}
-    grid = FakeGrid({1: _site("GE", 1, calls), 2: _site("Canon", 2, calls), 3: _site("Siemens", 3, calls)})
+    grid = FakeGrid(
+        {
+            1: _site("GE", 1, calls),
+            2: _site("Canon", 2, calls),
+            3: _site("Siemens", 3, calls),
+        }
+    )
     t, cfg = _transport(grid, round_timeout=0.3, num_rounds=3, min_sites=2)
     assert t.connect() == ["Siemens", "GE", "Canon"]
     real = grid.nodes[2]
-    grid.nodes[2] = lambda m: None if m.metadata.message_type == "train" else real(m)  # Canon hangs
+    grid.nodes[2] = lambda m: (
+        None if m.metadata.message_type == "train" else real(m)
+    )  # Canon hangs
     out = run_rounds(t, cfg, {"w": torch.zeros(2)}, start_round=1, rows=None)
     fails = [f for f in out["failures"] if f["phase"] == "train"]
-    assert {(f["round"], f["site"]) for f in fails} == {(1, "Canon"), (2, "Canon"), (3, "Canon")}
+    assert {(f["round"], f["site"]) for f in fails} == {
+        (1, "Canon"),
+        (2, "Canon"),
+        (3, "Canon"),
+    }
     assert all("fed.round_timeout=0.3" in f["reason"] for f in fails)
     assert torch.equal(out["final_shared"]["w"], torch.full((2,), 3.0))
     # too few answer: a clear error that says where the run resumes from
-    grid.nodes[1] = lambda m: None if m.metadata.message_type == "train" else _site("GE", 1, calls)(m)
-    with pytest.raises(FederationError, match="fewer than fed.min_sites=2.*resumes from round 0"):
+    grid.nodes[1] = lambda m: (
+        None if m.metadata.message_type == "train" else _site("GE", 1, calls)(m)
+    )
+    with pytest.raises(
+        FederationError, match="fewer than fed.min_sites=2.*resumes from round 0"
+    ):
         run_rounds(t, cfg, {"w": torch.zeros(2)})
 
 

@@ -62,7 +62,7 @@ def test_join_refuses_bad_inputs(federation):
         join_new_site(other, "Canon")
     with pytest.raises(ConfigError, match="fed.exclude"):
         simulate(_cfg(exclude=("Toshiba",), rounds=1), runtime="inprocess")
-    with pytest.raises(ConfigError, match="no client left"):
+    with pytest.raises(ConfigError, match="no site left"):
         simulate(
             _cfg(exclude=("Siemens", "Philips", "GE", "Canon"), rounds=1),
             runtime="inprocess",

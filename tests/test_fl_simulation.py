@@ -17,7 +17,6 @@ from medlora_lib.adapters import get_private_state, get_shared_state
 from medlora_lib.comm import closed_form_bytes
 from medlora_lib.config import get_config
 from medlora_lib.fl import FEDERATED_METHODS, simulate
-from medlora_lib.fl.strategies import ROUND_CONFIG_KEYS
 from medlora_lib.fl.task import build_adapted_model
 
 pytestmark = pytest.mark.slow
@@ -57,48 +56,32 @@ def test_every_federated_method_runs_and_reports(runs):
     for r, cfg in zip(results, configs, strict=True):
         assert r.method == cfg.method and r.config == cfg
         assert r.provenance["runtime"] == "flower-simulation"
-        assert list(r.rounds["client"].unique()) == ["Siemens", "Philips", "GE", "Canon"]
+        assert list(r.rounds["client"].unique()) == [
+            "Siemens",
+            "Philips",
+            "GE",
+            "Canon",
+        ]
         assert r.failures == []
         sel = r.selected()
-        assert list(sel["client"]) == ["Siemens", "Philips", "GE", "Canon", "mean", "pooled"]
+        assert list(sel["client"]) == [
+            "Siemens",
+            "Philips",
+            "GE",
+            "Canon",
+            "mean",
+            "pooled",
+        ]
         assert sel["balanced_accuracy"].between(0, 1).all()
 
 
 def test_every_message_carries_only_the_allowed_keys(runs):
     """Each message: the shared tensors, the round's config, scalar metrics. Nothing else."""
+    from tests.flower_apps import check_message_keys
+
     results, _ = runs
     for r in results:
-        shared = set(get_shared_state(build_adapted_model(r.config)))
-        assert r.messages
-        for m in r.messages:
-            assert "error" not in m, m
-            recs = m["records"]
-            kinds = {name: rec["type"] for name, rec in recs.items()}
-            key = (m["direction"], m["phase"])
-            if key == ("down", "query"):
-                assert kinds == {"config": "ConfigRecord"}
-            elif key == ("up", "query"):
-                assert kinds == {"site": "ConfigRecord", "metrics": "MetricRecord"}
-                assert recs["site"]["keys"] == ["site"]
-                assert recs["metrics"]["keys"] == ["num-examples"]
-            elif m["direction"] == "down":  # train and evaluate instructions
-                assert kinds == {"arrays": "ArrayRecord", "config": "ConfigRecord"}
-                assert tuple(recs["config"]["keys"]) == ROUND_CONFIG_KEYS
-            elif key == ("up", "train"):
-                assert kinds == {"arrays": "ArrayRecord", "metrics": "MetricRecord"}
-                keys = set(recs["metrics"]["keys"])
-                fixed = {"num-examples", "train-loss", "train-seconds"}
-                assert fixed <= keys
-                assert all(k.startswith("prev-eval/") for k in keys - fixed)
-            else:
-                assert key == ("up", "evaluate") and kinds == {"metrics": "MetricRecord"}
-            for name, rec in recs.items():
-                if rec["type"] == "ArrayRecord":
-                    assert set(rec["keys"]) == shared
-                else:  # scalars and short strings only: no JSON experiment, no paths
-                    assert set(rec["value_types"]) <= {"int", "float", "str", "bool"}
-            if "config" in recs:
-                assert not any("/" in k or "spec" in k for k in recs["config"]["keys"])
+        check_message_keys(r)
 
 
 def test_bytes_measured_equal_closed_form(runs):
@@ -125,7 +108,9 @@ def test_med_dual_lora_never_sends_private_tensors(runs):
     for direction in ("down", "up"):
         for phase, per_site in (("train", rounds), ("evaluate", 1), ("query", 1)):
             n = sum(
-                1 for m in r.messages if m["direction"] == direction and m["phase"] == phase
+                1
+                for m in r.messages
+                if m["direction"] == direction and m["phase"] == phase
             )
             assert n == per_site * sites, (direction, phase)
     n_arrays = 0
@@ -142,7 +127,9 @@ def test_flower_equals_plain_inprocess_loop(runs):
     results, _ = runs
     a = next(r for r in results if r.method == "med_dual_lora")
     b = simulate(a.config, runtime="inprocess", verbose=False)
-    np.testing.assert_allclose(a.rounds["train_loss"], b.rounds["train_loss"], rtol=1e-5)
+    np.testing.assert_allclose(
+        a.rounds["train_loss"], b.rounds["train_loss"], rtol=1e-5
+    )
     assert a.final_shared is not None and set(a.final_shared) == set(b.final_shared)
     for k, v in b.final_shared.items():
         np.testing.assert_allclose(a.final_shared[k].numpy(), v.numpy(), atol=1e-6)
@@ -180,3 +167,32 @@ def test_bytes_table_reads_the_measured_bytes(runs):
         assert row["measured up (B)"] == closed_form_bytes(r.config)["shared_bytes"]
         assert row["measured = closed form"]
         assert row["serialised up (B)"] > row["measured up (B)"]
+
+
+def test_flwr_run_with_run_config_overrides(tmp_path):
+    """The README's command: `flwr run . --run-config "k=v ..."`, parsed by Flower."""
+    from medlora_lib.fl.result import RunResult
+    from medlora_lib.fl.runner import LoopbackSuperLink, flwr_run
+
+    out = tmp_path / "run"
+    overrides = [
+        "method='fedsa_lora'",
+        "profile='smoke'",
+        "fed.num-rounds=1",
+        "model.pretrained='none'",
+        "train.num-threads=1",
+        f"run.dir='{out}'",
+    ]
+    with LoopbackSuperLink(tmp_path / "link", simulation=True) as link:
+        status = flwr_run(
+            link, overrides, "num-supernodes=4 client-resources-num-cpus=1"
+        )
+        assert status == 0
+        flwr_run(link, ["fed.num-rnds=3"], "num-supernodes=4")
+    r = RunResult.load(out)
+    assert r.method == "fedsa_lora" and r.config.fed.num_rounds == 1
+    assert r.config.data.image_size == (32, 32, 8)  # the smoke profile's default
+    assert r.config == _cfg("fedsa_lora")
+    # Flower itself refuses a key that [tool.flwr.app.config] does not have
+    log = (tmp_path / "link" / "flwr-run.log").read_text()
+    assert "fed.num-rnds" in log, log[-2000:]

@@ -133,7 +133,7 @@ def load_checkpoint(run_dir: str | Path) -> Checkpoint | None:
         if (m := _ROUND_RE.match(p.name)) and (p / "state.json").exists()
     )
     errors = []
-    for rnd, p in reversed(done):
+    for _rnd, p in reversed(done):
         try:
             state = json.loads((p / "state.json").read_text())
             shared = read_tensors(p / "shared.safetensors")

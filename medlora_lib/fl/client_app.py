@@ -29,14 +29,23 @@ SuperNode's log).
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
 from medlora_lib.config import experiment_of
@@ -70,7 +79,9 @@ class SiteContext:
 _CONTEXTS: dict[str, SiteContext] = {}
 
 
-def site_context(run_config: dict[str, Any], node_config: dict[str, Any], index: int) -> SiteContext:
+def site_context(
+    run_config: dict[str, Any], node_config: dict[str, Any], index: int
+) -> SiteContext:
     """Resolve this node's site for experiment ``index`` (cached per process).
 
     Raises:
@@ -78,7 +89,10 @@ def site_context(run_config: dict[str, Any], node_config: dict[str, Any], index:
             with fewer virtual SuperNodes than sites.
         DataError: a ``data-path`` holding several sites or another image size.
     """
-    key = json.dumps([index, str(run_config.get("run.batch", ""))[:0], sorted(node_config.items())], default=str)
+    key = json.dumps(
+        [index, str(run_config.get("run.batch", ""))[:0], sorted(node_config.items())],
+        default=str,
+    )
     key += json.dumps(sorted((k, str(v)) for k, v in run_config.items()))
     if key in _CONTEXTS:
         return _CONTEXTS[key]
@@ -86,7 +100,9 @@ def site_context(run_config: dict[str, Any], node_config: dict[str, Any], index:
 
     cfg, options = experiment_of(run_config, index)
     if "data-path" in node_config or "state-dir" in node_config:
-        missing = [k for k in ("data-path", "state-dir") if not str(node_config.get(k, ""))]
+        missing = [
+            k for k in ("data-path", "state-dir") if not str(node_config.get(k, ""))
+        ]
         if missing:
             raise ConfigError(
                 f"this SuperNode's node config has no {' / '.join(missing)}; start it "
@@ -115,7 +131,9 @@ def site_context(run_config: dict[str, Any], node_config: dict[str, Any], index:
 
         data_dir = resolve_data_dir(cfg, verbose=False)
         names = [
-            s for s in site_names(data_dir, cfg.fed.partition_by) if s not in cfg.fed.exclude
+            s
+            for s in site_names(data_dir, cfg.fed.partition_by)
+            if s not in cfg.fed.exclude
         ]
         pid = int(node_config["partition-id"])
         nparts = int(node_config.get("num-partitions", 0) or 0)
@@ -172,7 +190,9 @@ def _refuse_server_paths(ctx: SiteContext, node_config: dict[str, Any]) -> None:
     elif "model-path" in node_config and str(node_config["model-path"]):
         ctx.cfg = dataclasses.replace(
             ctx.cfg,
-            model=dataclasses.replace(ctx.cfg.model, pretrained=str(node_config["model-path"])),
+            model=dataclasses.replace(
+                ctx.cfg.model, pretrained=str(node_config["model-path"])
+            ),
         )
 
 
@@ -183,13 +203,18 @@ def _runtime(ctx: SiteContext):
 
     def build():
         data = load_site(
-            ctx.data_path, ctx.site, ctx.cfg.fed.partition_by, tuple(ctx.cfg.data.image_size)
+            ctx.data_path,
+            ctx.site,
+            ctx.cfg.fed.partition_by,
+            tuple(ctx.cfg.data.image_size),
         )
         return ClientRuntime.build(
             ctx.cfg, {ctx.site: data}, ctx.site, data_key=str(ctx.data_path)
         )
 
-    key = f"{config_hash(ctx.cfg)}|{ctx.site}|{ctx.data_path}|{ctx.cfg.model.pretrained}"
+    key = (
+        f"{config_hash(ctx.cfg)}|{ctx.site}|{ctx.data_path}|{ctx.cfg.model.pretrained}"
+    )
     return get_runtime(key, build)
 
 
@@ -218,19 +243,25 @@ def _guard(handler):
         ctx = None
         try:
             cfg = msg.content["config"]
-            ctx = site_context(dict(context.run_config), dict(context.node_config), int(cfg.get("experiment", 0)))
+            ctx = site_context(
+                dict(context.run_config),
+                dict(context.node_config),
+                int(cfg.get("experiment", 0)),
+            )
             return handler(msg, context, ctx)
         except Exception as exc:  # reported to the server as an error reply
             traceback.print_exc(file=sys.stderr)
             where = f"site {ctx.site}: " if ctx is not None and ctx.site else ""
             reason = _scrub(f"{where}{type(exc).__name__}: {exc}", ctx)
-            if ctx is not None and ctx.deployed and not isinstance(exc, ConfigError | DataError):
+            if (
+                ctx is not None
+                and ctx.deployed
+                and not isinstance(exc, ConfigError | DataError)
+            ):
                 reason = f"{where}{type(exc).__name__} (details in the SuperNode's log)"
             raise SiteError(reason) from None
 
-    wrapped.__name__ = handler.__name__
-    wrapped.__doc__ = handler.__doc__
-    return wrapped
+    return functools.wraps(handler)(wrapped)
 
 
 @app.query()
@@ -243,7 +274,12 @@ def query(msg: Message, context: Context, ctx: SiteContext) -> Message:
         from medlora_lib.fl.sites import site_of
 
         m = read_manifest(ctx.data_path, check_files=False)
-        n = int(((site_of(m, ctx.cfg.fed.partition_by) == ctx.site) & (m["split"] == "train")).sum())
+        n = int(
+            (
+                (site_of(m, ctx.cfg.fed.partition_by) == ctx.site)
+                & (m["split"] == "train")
+            ).sum()
+        )
     content = RecordDict(
         {
             "site": ConfigRecord({"site": ctx.site}),
@@ -258,22 +294,38 @@ def _selection(ctx: SiteContext, metrics: dict[str, float]) -> float | None:
     return None if v is None or v != v else float(v)
 
 
-def _evaluate_and_keep(ctx, rt, store, run_key, rnd, shared, private) -> dict[str, float]:
+_LAST_KEEP_S = [0.0]
+
+
+def _evaluate_and_keep(
+    ctx, rt, store, run_key, rnd, shared, private
+) -> dict[str, float]:
     """Evaluate the deployed model; keep it as the site's last (and best) model."""
     metrics = rt.evaluate_round(shared, private)[ctx.site]
+    t0 = time.perf_counter()
     current = private if private is not None else rt.initial_private
-    meta = {"round": rnd, "metrics": metrics, "selection_metric": ctx.cfg.train.selection_metric}
+    meta = {
+        "round": rnd,
+        "metrics": metrics,
+        "selection_metric": ctx.cfg.train.selection_metric,
+    }
     value = _selection(ctx, metrics)
     meta["selection_value"] = value
     store.save_deployed(run_key, "last", shared, current, meta, rt.model)
     best = store.best_metric(run_key)
     if value is not None and (best is None or value > best):
         store.save_deployed(run_key, "best", shared, current, meta, rt.model)
+    _LAST_KEEP_S[0] = time.perf_counter() - t0
     return metrics
 
 
-def _private_before(store, run_key: str, rnd: int):
+def _private_before(store, run_key: str, rnd: int, say: bool = False):
     got = store.load_before(run_key, rnd)
+    if say:
+        start = (
+            "its initial state" if got is None else f"its saved state of round {got[0]}"
+        )
+        print(f"site {store.site}: round {rnd} starts from {start}", flush=True)
     return None if got is None else got[1]
 
 
@@ -294,20 +346,33 @@ def train(msg: Message, context: Context, ctx: SiteContext) -> Message:
     rt = _runtime(ctx)
     store = _store(ctx, run_key)
     shared = msg.content["arrays"].to_torch_state_dict()
-    private = _private_before(store, run_key, rnd)
+    private = _private_before(store, run_key, rnd, say=True)
     prev: dict[str, float] = {}
+    state_s = 0.0
     if bool(cfg.get("evaluate-first", False)):
         ev = _evaluate_and_keep(ctx, rt, store, run_key, rnd - 1, shared, private)
+        state_s += _LAST_KEEP_S[0]
         prev = {PREV_EVAL_PREFIX + k: float(v) for k, v in ev.items()}
-    out = rt.train_round(shared, private, rnd, proximal_mu=float(cfg.get("proximal-mu", 0.0)), lr=float(cfg.get("lr", ctx.cfg.train.lr)))
+    out = rt.train_round(
+        shared,
+        private,
+        rnd,
+        proximal_mu=float(cfg.get("proximal-mu", 0.0)),
+        lr=float(cfg.get("lr", ctx.cfg.train.lr)),
+    )
     if list(out.shared) != rt.shared_keys:  # never send anything but the shared part
-        raise RuntimeError("reply keys differ from the shared tensors; refusing to send")
+        raise RuntimeError(
+            "reply keys differ from the shared tensors; refusing to send"
+        )
+    t0 = time.perf_counter()
     store.save_round(run_key, rnd, out.private, {"train_loss": out.train_loss})
+    state_s += time.perf_counter() - t0
     metrics = MetricRecord(
         {
             "num-examples": out.num_examples,
             "train-loss": out.train_loss,
             "train-seconds": out.seconds,
+            "state-seconds": state_s,  # writing the site's state to its disk
             **prev,
         }
     )

@@ -97,7 +97,9 @@ def cross_vendor_matrix(
         return pd.read_csv(cache)
 
     names = list(p.sites)
-    data = load_sites(p.data_dir, names, cfg.fed.partition_by, tuple(cfg.data.image_size))
+    data = load_sites(
+        p.data_dir, names, cfg.fed.partition_by, tuple(cfg.data.image_size)
+    )
     runtimes = {
         n: ClientRuntime.build(cfg, data, n, data_key=str(p.data_dir)) for n in names
     }
@@ -117,7 +119,10 @@ def cross_vendor_matrix(
             evals = rt.evaluate_round(res.shared, res.private)
         finally:
             rt.eval_sets = own
-        rnd = len([r for r in rows if r["client"] == site and r["test_vendor"] == site]) + 1
+        rnd = (
+            len([r for r in rows if r["client"] == site and r["test_vendor"] == site])
+            + 1
+        )
         val = evals[site].get(f"val_{metric}", float("nan"))
         for test_name in names:
             m = evals[test_name]

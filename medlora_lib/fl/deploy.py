@@ -78,12 +78,20 @@ class Deployment:
         self.sites = list(self.p.sites)
         self.site_dirs = {}
         data_root = self.work / "sites-data"
-        existing = {s: data_root / s for s in self.sites if (data_root / s / "manifest.csv").exists()}
+        existing = {
+            s: data_root / s
+            for s in self.sites
+            if (data_root / s / "manifest.csv").exists()
+        }
         if len(existing) == len(self.sites):
             self.site_dirs = existing  # a resumed deployment keeps its site folders
         else:
             self.site_dirs = split_into_sites(
-                self.p.data_dir, data_root, config.fed.partition_by, self.sites, overwrite=True
+                self.p.data_dir,
+                data_root,
+                config.fed.partition_by,
+                self.sites,
+                overwrite=True,
             )
         self.run_dir = self.work / "run"
         self.tls_files = None
@@ -108,7 +116,11 @@ class Deployment:
     def start_superlink(self) -> LoopbackSuperLink:
         tls = None
         if self.tls_files is not None:
-            tls = {"ca": self.tls_files["ca_cert"], "cert": self.tls_files["server_cert"], "key": self.tls_files["server_key"]}
+            tls = {
+                "ca": self.tls_files["ca_cert"],
+                "cert": self.tls_files["server_cert"],
+                "key": self.tls_files["server_key"],
+            }
         link = LoopbackSuperLink(
             self.work,
             simulation=False,
@@ -119,9 +131,13 @@ class Deployment:
         )
         if self.link is not None:
             link.control_port = self.link.control_port
-            link.procs = [p for p in self.link.procs if p.poll() is None and p is not self.link.proc]
+            link.procs = [
+                p
+                for p in self.link.procs
+                if p.poll() is None and p is not self.link.proc
+            ]
         link.start()
-        for s, (_, pub) in self.keys.items():
+        for _s, (_, pub) in self.keys.items():
             try:
                 link.register(pub)
             except DeploymentError as exc:
@@ -135,13 +151,16 @@ class Deployment:
         state = self.work / "sites-state" / site
         node_config = {"data-path": str(self.site_dirs[site]), "state-dir": str(state)}
         key = self.keys.get(site, (None, None))[0]
-        proc = start_supernode(self.link, self.work / "nodes", node_config, site, private_key=key)
+        proc = start_supernode(
+            self.link, self.work / "nodes", node_config, site, private_key=key
+        )
         self.nodes[site] = proc
         return proc
 
     def run_config(self) -> Path:
         flat = to_run_config(
-            self.config, RunOptions(dir=str(self.run_dir), record_messages=self.record_messages)
+            self.config,
+            RunOptions(dir=str(self.run_dir), record_messages=self.record_messages),
         )
         flat["fed.num-sites"] = len(self.sites)
         flat.update(self.overrides)
@@ -150,7 +169,13 @@ class Deployment:
     def run(self, verbose: bool = False, timeout: float | None = None) -> int:
         """``flwr run`` the experiment against the running SuperLink (blocks)."""
         assert self.link is not None
-        return flwr_run(self.link, self.run_config(), log=self.work / "flwr-run.log", verbose=verbose, timeout=timeout)
+        return flwr_run(
+            self.link,
+            self.run_config(),
+            log=self.work / "flwr-run.log",
+            verbose=verbose,
+            timeout=timeout,
+        )
 
     def stop(self) -> None:
         if self.link is not None:
@@ -206,9 +231,18 @@ def deploy(
             names the kept work folder and quotes the log).
     """
     temporary = work_dir is None
-    work = Path(tempfile.mkdtemp(prefix="medlora-deploy-")) if temporary else Path(work_dir)
+    work = (
+        Path(tempfile.mkdtemp(prefix="medlora-deploy-"))
+        if temporary
+        else Path(work_dir)
+    )
     dep = Deployment(
-        config, work, tls=tls, supernode_auth=supernode_auth, port=port, record_messages=record_messages
+        config,
+        work,
+        tls=tls,
+        supernode_auth=supernode_auth,
+        port=port,
+        record_messages=record_messages,
     )
     t0 = time.perf_counter()
     ok = False
@@ -217,12 +251,16 @@ def deploy(
         for s in dep.sites:
             dep.start_supernode(s)
         if verbose:
-            print(f"deployment in {dep.work}: SuperLink {dep.link.address}, sites {', '.join(dep.sites)}")
+            print(
+                f"deployment in {dep.work}: SuperLink {dep.link.address}, sites {', '.join(dep.sites)}"
+            )
         dep.run(verbose=verbose, timeout=timeout)
         result = dep.result()
         ok = True
     except DeploymentError as exc:
-        raise DeploymentError(f"{exc}\n(the work folder {dep.work} is kept; run again with work_dir={dep.work} to resume)") from None
+        raise DeploymentError(
+            f"{exc}\n(the work folder {dep.work} is kept; run again with work_dir={dep.work} to resume)"
+        ) from None
     finally:
         dep.stop()
         if temporary and ok:

@@ -76,7 +76,11 @@ class Transport(Protocol):
         """The sites that can take part in round ``rnd`` (canonical order)."""
 
     def train(
-        self, rnd: int, sites: list[str], shared: dict[str, torch.Tensor], evaluate_first: bool
+        self,
+        rnd: int,
+        sites: list[str],
+        shared: dict[str, torch.Tensor],
+        evaluate_first: bool,
     ) -> RoundOutcome:
         """Train ``sites`` on ``shared``; replies are :class:`SiteReply`."""
 
@@ -86,7 +90,9 @@ class Transport(Protocol):
         """Evaluate ``sites``; replies are ``{client: metrics}`` dicts."""
 
 
-def aggregator(method: str) -> Callable[[dict[str, SiteReply]], dict[str, torch.Tensor]]:
+def aggregator(
+    method: str,
+) -> Callable[[dict[str, SiteReply]], dict[str, torch.Tensor]]:
     """How a method combines the replies: sample-weighted mean (federated methods), the
     one model (``centralized``) or nothing (``local``)."""
     from medlora_lib.adapters import METHODS, aggregate_shared
@@ -147,7 +153,11 @@ class InProcessSites:
         return {"bytes_down": n, "bytes_up": n}
 
     def train(
-        self, rnd: int, sites: list[str], shared: dict[str, torch.Tensor], evaluate_first: bool
+        self,
+        rnd: int,
+        sites: list[str],
+        shared: dict[str, torch.Tensor],
+        evaluate_first: bool,
     ) -> RoundOutcome:
         out = RoundOutcome(replies={})
         for s in sites:
@@ -199,7 +209,8 @@ def run_rounds(
     start_round: int = 1,
     rows: list[dict[str, Any]] | None = None,
     failures: list[dict[str, Any]] | None = None,
-    checkpoint: Callable[[int, dict[str, torch.Tensor], list, list], None] | None = None,
+    checkpoint: Callable[[int, dict[str, torch.Tensor], list, list], None]
+    | None = None,
     label: str = "",
     verbose: bool = False,
     min_sites: int | None = None,
@@ -230,7 +241,11 @@ def run_rounds(
 
     t0 = time.perf_counter()
     spec = METHODS[cfg.method]
-    need = min_sites if min_sites is not None else (cfg.fed.min_sites if spec.federated else 1)
+    need = (
+        min_sites
+        if min_sites is not None
+        else (cfg.fed.min_sites if spec.federated else 1)
+    )
     agg = aggregator(cfg.method)
     table: dict[tuple[int, str], dict[str, Any]] = {
         (int(r["round"]), str(r["client"])): dict(r) for r in (rows or [])
@@ -267,14 +282,16 @@ def run_rounds(
         sites = transport.sites(rnd)
         out = transport.train(rnd, sites, shared, rnd > 1)
         fail(rnd, "train", out.failures)
-        for site, rep in out.replies.items():
+        for rep in out.replies.values():
             record_eval(rnd - 1, rep.prev_eval)
         # a site that answered with an error still evaluates the model it received
         answered = [f["site"] for f in out.failures if f.get("answered") and rnd > 1]
         if answered:
             ev = transport.evaluate(rnd - 1, answered, shared)
             fail(rnd - 1, "evaluate", ev.failures)
-            record_eval(rnd - 1, {c: m for per in ev.replies.values() for c, m in _clients(per)})
+            record_eval(
+                rnd - 1, {c: m for per in ev.replies.values() for c, m in _clients(per)}
+            )
         if len(out.replies) < need:
             missing = [s for s in sites if s not in out.replies]
             raise FederationError(
@@ -283,12 +300,20 @@ def run_rounds(
                 f"missing: {', '.join(missing) or 'none'}. Restart the missing "
                 "SuperNodes and run again: the run resumes from round "
                 f"{rnd - 1} (its last checkpoint)."
-                + (f" The first failure: {out.failures[0]['site']}: "
-                   f"{out.failures[0]['reason']}" if out.failures else "")
+                + (
+                    f" The first failure: {out.failures[0]['site']}: "
+                    f"{out.failures[0]['reason']}"
+                    if out.failures
+                    else ""
+                )
             )
         elapsed = time.perf_counter() - t0
         for site, rep in out.replies.items():
-            clients = transport.clients_of(site) if hasattr(transport, "clients_of") else [site]
+            clients = (
+                transport.clients_of(site)
+                if hasattr(transport, "clients_of")
+                else [site]
+            )
             for client in clients:
                 r = row(rnd, client)
                 r.update(rep.train)
@@ -296,7 +321,10 @@ def run_rounds(
                 r["elapsed_s"] = elapsed
         shared = agg(out.replies)
         if checkpoint is not None:
+            t_ck = time.perf_counter()
             checkpoint(rnd, shared, _sorted(table), fails)
+            for site in out.replies:
+                row(rnd, site)["checkpoint_s"] = time.perf_counter() - t_ck
     # the last round's model: one evaluate step
     sites = sites or transport.sites(total)
     ev = transport.evaluate(total, sites, shared)

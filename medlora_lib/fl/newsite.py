@@ -89,7 +89,11 @@ def join_new_site(
             f"(sites: {p.sites})"
         )
     t0 = time.perf_counter()
-    data = {newcomer: load_site(p.data_dir, newcomer, cfg.fed.partition_by, tuple(cfg.data.image_size))}
+    data = {
+        newcomer: load_site(
+            p.data_dir, newcomer, cfg.fed.partition_by, tuple(cfg.data.image_size)
+        )
+    }
     rt = ClientRuntime.build(join_cfg, data, newcomer, data_key=str(p.data_dir))
     frozen = []
     for name, param in rt.model.named_parameters():
@@ -103,7 +107,9 @@ def join_new_site(
     # one site, no server: each round's "aggregate" is the site's own new state (its
     # head trains; the frozen global adapter comes back unchanged)
     sites = InProcessSites({newcomer: rt}, federated=False)
-    out = run_rounds(sites, join_cfg, start, label=f"join {newcomer}", verbose=verbose, min_sites=1)
+    out = run_rounds(
+        sites, join_cfg, start, label=f"join {newcomer}", verbose=verbose, min_sites=1
+    )
     shared = out["final_shared"]
     changed = [
         k

@@ -331,5 +331,3 @@ def build_result(
         exp_id=exp_id,
         final_shared=final_shared,
     )
-
-

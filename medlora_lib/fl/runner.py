@@ -90,7 +90,9 @@ def flwr_env(home: Path | None = None) -> dict[str, str]:
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "RAY_DEDUP_LOGS": "0",
         # Flower starts helpers (flower-superexec, ...) by name: the venv's bin first
-        "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+        "PATH": str(Path(sys.executable).parent)
+        + os.pathsep
+        + os.environ.get("PATH", ""),
     }
     if home is not None:
         env["FLWR_HOME"] = str(home)
@@ -141,7 +143,9 @@ def stop_processes(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
             pass
 
 
-def _start(cmd: list[str], home: Path, log: Path, cwd: Path | None = None) -> subprocess.Popen:
+def _start(
+    cmd: list[str], home: Path, log: Path, cwd: Path | None = None
+) -> subprocess.Popen:
     home.mkdir(parents=True, exist_ok=True)
     log.parent.mkdir(parents=True, exist_ok=True)
     fh = open(log, "ab")  # noqa: SIM115 - the child holds it; closed when it exits
@@ -165,18 +169,23 @@ def _tail(path: Path, n: int = 3000) -> str:
         return ""
 
 
-def _wait_port(port: int, proc: subprocess.Popen, log: Path, what: str, timeout: float = 60) -> None:
+def _wait_port(
+    port: int, proc: subprocess.Popen, log: Path, what: str, timeout: float = 60
+) -> None:
     t0 = time.time()
     while time.time() - t0 < timeout:
         if proc.poll() is not None:
             raise DeploymentError(
-                f"{what} exited with status {proc.returncode}; see {log}:\n" + _tail(log, 2000)
+                f"{what} exited with status {proc.returncode}; see {log}:\n"
+                + _tail(log, 2000)
             )
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
         time.sleep(0.2)
-    raise DeploymentError(f"{what} did not open port {port} in {timeout:g} s; see {log}")
+    raise DeploymentError(
+        f"{what} did not open port {port} in {timeout:g} s; see {log}"
+    )
 
 
 class LoopbackSuperLink:
@@ -251,7 +260,13 @@ class LoopbackSuperLink:
         self.procs.append(self.proc)
         _wait_port(self.port, self.proc, self.log, "the SuperLink")
         self.cli_home.mkdir(parents=True, exist_ok=True)
-        lines = ["[superlink]", 'default = "medlora"', "", "[superlink.medlora]", f'address = "{self.address}"']
+        lines = [
+            "[superlink]",
+            'default = "medlora"',
+            "",
+            "[superlink.medlora]",
+            f'address = "{self.address}"',
+        ]
         if self.tls:
             lines.append(f'root-certificates = "{self.tls["ca"]}"')
         else:
@@ -297,7 +312,14 @@ def start_supernode(
     cfg = " ".join(f"{k}={_toml_value(v)}" for k, v in node_config.items())
     cmd = [_bin("flower-supernode"), "--superlink", link.address]
     if link.tls:
+        # the CA to trust the SuperLink, and a certificate for the SuperNode's own
+        # local API (else its helper process falls back to --insecure on loopback)
         cmd += ["--root-certificates", str(root_certificates or link.tls["ca"])]
+        cmd += [
+            "--ssl-certfile", str(link.tls["cert"]),
+            "--ssl-keyfile", str(link.tls["key"]),
+            "--ssl-ca-certfile", str(link.tls["ca"]),
+        ]  # fmt: skip
     else:
         cmd += ["--insecure"]
     if private_key is not None:

@@ -27,7 +27,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from medlora_lib.errors import ConfigError
@@ -39,7 +39,9 @@ __all__ = ["app", "GridSites", "run_experiment"]
 
 def _short_reason(reason: str) -> str:
     """The last line that names the exception (Ray / Flower wrap it in tracebacks)."""
-    lines = [ln.strip() for ln in reason.replace("\\n", "\n").splitlines() if ln.strip()]
+    lines = [
+        ln.strip() for ln in reason.replace("\\n", "\n").splitlines() if ln.strip()
+    ]
     named = [ln for ln in lines if "Error" in ln or "Exception" in ln]
     return (named[-1] if named else (lines[-1] if lines else reason))[-500:]
 
@@ -71,7 +73,9 @@ class GridSites:
         self.poll = 0.005 if type(grid).__name__ == "InMemoryGrid" else 0.2
 
     # ------------------------------------------------------------------ membership
-    def _log(self, direction: str, phase: str, rnd: int, site: str, msg: Message) -> None:
+    def _log(
+        self, direction: str, phase: str, rnd: int, site: str, msg: Message
+    ) -> None:
         if not self.record_messages:
             return
         from medlora_lib.comm import record_summary
@@ -91,7 +95,12 @@ class GridSites:
         self.messages.append(entry)
 
     def _exchange(
-        self, messages: list[Message], sites: list[str], phase: str, rnd: int, timeout: float
+        self,
+        messages: list[Message],
+        sites: list[str],
+        phase: str,
+        rnd: int,
+        timeout: float,
     ) -> tuple[dict[str, Message], list[dict[str, Any]]]:
         """Push ``messages`` (one per site), pull replies until all came or ``timeout``."""
         for m, s in zip(messages, sites, strict=True):
@@ -109,7 +118,11 @@ class GridSites:
                 self._log("up", phase, rnd, site, rep)
                 if rep.has_error():
                     failures.append(
-                        {"site": site, "answered": True, "reason": _short_reason(str(rep.error.reason))}
+                        {
+                            "site": site,
+                            "answered": True,
+                            "reason": _short_reason(str(rep.error.reason)),
+                        }
                     )
                 else:
                     replies[site] = rep
@@ -137,11 +150,15 @@ class GridSites:
             )
             for n in nodes
         ]
-        replies, failures = self._exchange(msgs, [f"node {n}" for n in nodes], "query", 0, timeout)
-        for key, rep in replies.items():
+        replies, failures = self._exchange(
+            msgs, [f"node {n}" for n in nodes], "query", 0, timeout
+        )
+        for _key, rep in replies.items():
             node = int(rep.metadata.src_node_id)
             site = str(rep.content["site"]["site"])
-            for old in [k for k, v in self.node_site.items() if v == site and k != node]:
+            for old in [
+                k for k, v in self.node_site.items() if v == site and k != node
+            ]:
                 del self.node_site[old]  # the site restarted under a new node id
             self.node_site[node] = site
         for f in failures:
@@ -149,7 +166,10 @@ class GridSites:
             self.node_site[node] = ""  # cannot take part; asked again if it comes back
             if f["answered"]:
                 self.refused[node] = f["reason"]
-                print(f"[{self.label}] a SuperNode refused the experiment: {f['reason']}", flush=True)
+                print(
+                    f"[{self.label}] a SuperNode refused the experiment: {f['reason']}",
+                    flush=True,
+                )
 
     def _refresh(self, timeout: float) -> None:
         listed = set(int(n) for n in self.grid.get_node_ids())
@@ -204,7 +224,9 @@ class GridSites:
     def sites_now(self) -> list[str]:
         from medlora_lib.fl.sites import _ordered
 
-        names = {s for s in self.node_site.values() if s and s not in self.cfg.fed.exclude}
+        names = {
+            s for s in self.node_site.values() if s and s not in self.cfg.fed.exclude
+        }
         return _ordered(names)
 
     def sites(self, rnd: int) -> list[str]:
@@ -215,16 +237,25 @@ class GridSites:
         return next(n for n, s in self.node_site.items() if s == site)
 
     # ------------------------------------------------------------------ steps
-    def train(self, rnd: int, sites: list[str], shared: dict, evaluate_first: bool) -> RoundOutcome:
+    def train(
+        self, rnd: int, sites: list[str], shared: dict, evaluate_first: bool
+    ) -> RoundOutcome:
         from medlora_lib.comm import payload_bytes, wire_bytes
 
         arrays = ArrayRecord(shared)
-        down = {"bytes_down": payload_bytes(arrays), "wire_bytes_down": wire_bytes(arrays)}
+        down = {
+            "bytes_down": payload_bytes(arrays),
+            "wire_bytes_down": wire_bytes(arrays),
+        }
         self.strategy.nodes = [self._node(s) for s in sites]
         msgs = list(
-            self.strategy.configure_train(rnd, arrays, self.strategy.round_config(rnd, evaluate_first), self.grid)
+            self.strategy.configure_train(
+                rnd, arrays, self.strategy.round_config(rnd, evaluate_first), self.grid
+            )
         )
-        replies, failures = self._exchange(msgs, sites, "train", rnd, self.cfg.fed.round_timeout)
+        replies, failures = self._exchange(
+            msgs, sites, "train", rnd, self.cfg.fed.round_timeout
+        )
         out = RoundOutcome(replies={}, failures=failures)
         for site in sites:
             if site not in replies:
@@ -232,7 +263,11 @@ class GridSites:
             rep = replies[site]
             arrays_up = rep.content["arrays"]
             m = rep.content["metrics"]
-            prev = {k[len(PREV_EVAL_PREFIX) :]: float(v) for k, v in m.items() if k.startswith(PREV_EVAL_PREFIX)}
+            prev = {
+                k[len(PREV_EVAL_PREFIX) :]: float(v)
+                for k, v in m.items()
+                if k.startswith(PREV_EVAL_PREFIX)
+            }
             out.replies[site] = SiteReply(
                 shared=arrays_up.to_torch_state_dict(),
                 num_examples=int(m["num-examples"]),
@@ -240,6 +275,7 @@ class GridSites:
                     "train_loss": float(m["train-loss"]),
                     "num_examples": int(m["num-examples"]),
                     "train_seconds": float(m.get("train-seconds", 0.0)),
+                    "state_seconds": float(m.get("state-seconds", 0.0)),
                 },
                 prev_eval={site: prev} if prev else {},
             )
@@ -256,12 +292,20 @@ class GridSites:
         arrays = ArrayRecord(shared)
         self.strategy.nodes = [self._node(s) for s in sites]
         msgs = list(
-            self.strategy.configure_evaluate(rnd, arrays, self.strategy.round_config(rnd, False), self.grid)
+            self.strategy.configure_evaluate(
+                rnd, arrays, self.strategy.round_config(rnd, False), self.grid
+            )
         )
-        replies, failures = self._exchange(msgs, sites, "evaluate", rnd, self.cfg.fed.round_timeout)
+        replies, failures = self._exchange(
+            msgs, sites, "evaluate", rnd, self.cfg.fed.round_timeout
+        )
         out = RoundOutcome(replies={}, failures=failures)
         for site, rep in replies.items():
-            m = {k: float(v) for k, v in rep.content["metrics"].items() if k != "num-examples"}
+            m = {
+                k: float(v)
+                for k, v in rep.content["metrics"].items()
+                if k != "num-examples"
+            }
             out.replies[site] = {site: m}
             out.bytes[site] = {"bytes_down_eval": payload_bytes(arrays)}
         return out
@@ -302,7 +346,10 @@ def run_experiment(grid: Grid, cfg: Any, options: Any, index: int = 0) -> Path:
                 f"{run_dir} holds the finished result of another configuration (first "
                 f"differing key: {first_difference(a, b)}); choose another run.dir"
             )
-        print(f"[{label}] {run_dir} already holds this run's result; nothing to do", flush=True)
+        print(
+            f"[{label}] {run_dir} already holds this run's result; nothing to do",
+            flush=True,
+        )
         return run_dir
     ckpt = load_checkpoint(run_dir)
     if ckpt is not None and options.resume == "never":
@@ -315,7 +362,11 @@ def run_experiment(grid: Grid, cfg: Any, options: Any, index: int = 0) -> Path:
     if ckpt is not None:
         check_resumable(ckpt, cfg.to_dict(), run_dir)
         print(f"[{label}] resuming {run_dir} after round {ckpt.round}", flush=True)
-    run_key = ckpt.run_key if ckpt else f"{cfg.method}-{config_hash(cfg, 8)}-{uuid.uuid4().hex[:8]}"
+    run_key = (
+        ckpt.run_key
+        if ckpt
+        else f"{cfg.method}-{config_hash(cfg, 8)}-{uuid.uuid4().hex[:8]}"
+    )
     initial = ckpt.shared if ckpt else get_shared_state(build_adapted_model(cfg))
     strategy = MedloraFedAvg(
         lr=cfg.train.lr,
@@ -358,7 +409,11 @@ def run_experiment(grid: Grid, cfg: Any, options: Any, index: int = 0) -> Path:
         label=label,
         verbose=True,
     )
-    runtime = "flower-simulation" if type(grid).__name__ == "InMemoryGrid" else "flower-deployment"
+    runtime = (
+        "flower-simulation"
+        if type(grid).__name__ == "InMemoryGrid"
+        else "flower-deployment"
+    )
     result = build_result(
         cfg,
         out["rows"],

@@ -27,7 +27,6 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -40,7 +39,12 @@ from medlora_lib.fl.result import (
     steady_seconds_per_round,
 )
 from medlora_lib.fl.runcache import cache_path
-from medlora_lib.fl.task import FEDERATED_METHODS, ClientRuntime, build_adapted_model, validate_config
+from medlora_lib.fl.task import (
+    FEDERATED_METHODS,
+    ClientRuntime,
+    build_adapted_model,
+    validate_config,
+)
 
 __all__ = [
     "RunResult",
@@ -67,7 +71,9 @@ class Planned:
     label: str
 
 
-def plan(configs: list[ExperimentConfig], use_cache: bool, scratch: Path) -> list[Planned]:
+def plan(
+    configs: list[ExperimentConfig], use_cache: bool, scratch: Path
+) -> list[Planned]:
     """Validate every config (ConfigError / DataError before anything starts)."""
     from medlora_lib.fl.sites import site_names
     from medlora_lib.pipeline import resolve_data_dir
@@ -125,7 +131,9 @@ def run_inprocess(p: Planned, verbose: bool = False) -> RunResult:
     from medlora_lib.fl.sites import load_sites
 
     cfg = p.cfg
-    data = load_sites(p.data_dir, p.sites, cfg.fed.partition_by, tuple(cfg.data.image_size))
+    data = load_sites(
+        p.data_dir, p.sites, cfg.fed.partition_by, tuple(cfg.data.image_size)
+    )
     key = str(p.data_dir)
     if METHODS[cfg.method].pooled:
         runtimes = {"pooled": ClientRuntime.build(cfg, data, None, data_key=key)}
@@ -140,17 +148,21 @@ def run_inprocess(p: Planned, verbose: bool = False) -> RunResult:
         out["failures"],
         exp_id=p.label,
         runtime="inprocess",
-        final_shared=out["final_shared"] if METHODS[cfg.method].shared_parts or METHODS[cfg.method].pooled else None,
+        final_shared=out["final_shared"]
+        if METHODS[cfg.method].shared_parts or METHODS[cfg.method].pooled
+        else None,
     )
 
 
-def federation_config(num_sites: int, configs: list[ExperimentConfig]) -> str:
+def federation_config(
+    num_sites: int, configs: list[ExperimentConfig], max_parallel: int | None = None
+) -> str:
     """``--federation-config`` for ``num_sites`` virtual SuperNodes on this machine.
 
-    One CPU per site, as many sites at once as CPUs; with CUDA available (and
-    ``train.device`` not ``cpu``) two sites share each GPU.
+    One CPU per site, as many sites at once as CPUs (or ``max_parallel``); with CUDA
+    available (and ``train.device`` not ``cpu``) two sites share each GPU.
     """
-    cpus = max(1, min(os.cpu_count() or 1, num_sites))
+    cpus = max(1, min(os.cpu_count() or 1, num_sites, max_parallel or num_sites))
     gpus = 0.0
     if torch.cuda.is_available() and all(c.train.device != "cpu" for c in configs):
         gpus = 0.5
@@ -171,6 +183,7 @@ def _run_flower(
     record_messages: bool,
     verbose: bool,
     app_dir: Path | None,
+    max_parallel: int | None = None,
 ) -> None:
     from medlora_lib.fl.runner import LoopbackSuperLink, flwr_run, write_run_config
 
@@ -187,7 +200,9 @@ def _run_flower(
         status = flwr_run(
             link,
             rc,
-            federation_config(len(group[0].sites), [p.cfg for p in group]),
+            federation_config(
+                len(group[0].sites), [p.cfg for p in group], max_parallel
+            ),
             app_dir=app_dir,
             log=work / "flwr-run.log",
             verbose=verbose,
@@ -211,6 +226,7 @@ def simulate(
     record_messages: bool = False,
     runtime: str = "flower",
     app_dir: str | Path | None = None,
+    max_parallel: int | None = None,
 ) -> RunResult | list[RunResult]:
     """Run one experiment, or several (methods × seeds) in one Flower run.
 
@@ -226,6 +242,7 @@ def simulate(
             benchmarks and cross-checks).
         app_dir: another Flower App folder (tests: a ClientApp that fails on purpose);
             default the project.
+        max_parallel: at most this many sites train at once (default: one per CPU).
 
     Returns:
         A :class:`RunResult`, or a list of them (same order) when given a list.
@@ -248,7 +265,11 @@ def simulate(
         results: dict[int, RunResult] = {}
         flower: list[tuple[int, Planned]] = []
         for i, p in enumerate(planned):
-            if use_cache and not record_messages and (p.run_dir / "results.json").exists():
+            if (
+                use_cache
+                and not record_messages
+                and (p.run_dir / "results.json").exists()
+            ):
                 if verbose:
                     print(f"[{p.label}] cached: {p.run_dir}")
                 results[i] = RunResult.load(p.run_dir)
@@ -262,7 +283,12 @@ def simulate(
         for k in sorted({len(p.sites) for _, p in flower}):
             group = [p for _, p in flower if len(p.sites) == k]
             _run_flower(
-                group, scratch, record_messages, verbose, Path(app_dir) if app_dir else None
+                group,
+                scratch,
+                record_messages,
+                verbose,
+                Path(app_dir) if app_dir else None,
+                max_parallel,
             )
         for i, p in flower:
             results[i] = RunResult.load(p.run_dir)

@@ -49,9 +49,7 @@ def atomic_write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp)
-    )
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
@@ -169,7 +167,9 @@ class SiteStateStore:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         atomic_write_tensors(tmp / "private.safetensors", private)
-        _write_json(tmp / "round.json", {"round": rnd, "site": self.site, **(meta or {})})
+        _write_json(
+            tmp / "round.json", {"round": rnd, "site": self.site, **(meta or {})}
+        )
         _swap_dir(tmp, dst)
         for old in self.rounds(run_key)[:-KEEP_ROUNDS]:
             shutil.rmtree(d / f"round-{old:04d}", ignore_errors=True)
@@ -183,7 +183,9 @@ class SiteStateStore:
         if not earlier:
             return None
         r = earlier[-1]
-        return r, read_tensors(self.run_dir(run_key) / f"round-{r:04d}" / "private.safetensors")
+        return r, read_tensors(
+            self.run_dir(run_key) / f"round-{r:04d}" / "private.safetensors"
+        )
 
     # ------------------------------------------------------------------ deployed model
     def save_deployed(

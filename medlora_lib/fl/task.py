@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import json
 import zlib
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -37,6 +36,7 @@ __all__ = [
     "validate_config",
     "clear_runtime_cache",
 ]
+
 
 #: Methods that run through Flower (a server aggregates what clients send).
 def _registry() -> Any:
