@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--work-dir",
         type=Path,
         default=None,
-        help="keep the Flower homes, logs and generated app here (default: temporary)",
+        help="keep the site folders, Flower homes, logs and checkpoints here (default: "
+        "temporary, kept after a failure); the same folder again resumes the run",
     )
     d.add_argument(
         "--port", type=int, default=None, help="SuperLink port (default: free)"

@@ -777,7 +777,7 @@ def from_run_config(
 def config_hash(config: ExperimentConfig | dict[str, Any], length: int = 12) -> str:
     """A short, stable hash of what a config computes (used to cache results).
 
-    :data:`OPERATIONAL_KEYS` (time-outs, device, threads) are left out.
+    :data:`OPERATIONAL_KEYS` (the federation's time-outs and site counts) are left out.
     """
     d = config.to_dict() if isinstance(config, ExperimentConfig) else dict(config)
     d = json.loads(json.dumps(d))

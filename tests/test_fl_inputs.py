@@ -216,3 +216,41 @@ def test_old_results_with_fed_clients_still_load():
     d["fed"].pop("partition_by")
     d["fed"]["clients"] = "vendor+acdc"
     assert ExperimentConfig.from_dict(d).fed.partition_by == "vendor+acdc"
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_simulation_stops_everything_cleanly(tmp_path):
+    """Ctrl-C: a one-line message, exit status 130, no traceback, no process left."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    env = {**os.environ, "MEDLORA_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "medlora_lib.cli", "run", "--method", "fedavg_lora"]
+    cmd += ["--profile", "smoke", "--out", str(tmp_path / "out"), "--set", *SMOKE[:1]]
+    cmd += ["fed.num_rounds=200", "train.num_threads=1"]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 240:  # until the federation runs
+        kids = psutil.Process(proc.pid).children(recursive=True)
+        if any("flwr" in " ".join(k.cmdline()) for k in kids if k.is_running()):
+            break
+        time.sleep(0.5)
+    time.sleep(15)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err and "Traceback" not in err
+    time.sleep(2)
+    left = []
+    for p in psutil.process_iter(["cmdline", "cwd"]):
+        where = " ".join(p.info["cmdline"] or []) + " " + str(p.info["cwd"] or "")
+        if str(tmp_path) in where:
+            left.append(where)
+    assert left == []

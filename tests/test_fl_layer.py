@@ -341,3 +341,24 @@ def test_run_config_carries_no_path_a_site_opens():
     rc = to_run_config(get_config("smoke"))
     assert json.dumps(rc)  # scalars only
     assert all(isinstance(v, bool | int | float | str) for v in rc.values())
+
+
+def test_site_name_renames_and_errors_sent_back_hold_no_path(smoke_dir, tmp_path):
+    from medlora_lib.fl.client_app import _scrub, site_context
+
+    ge = split_into_sites(smoke_dir, tmp_path, "vendor", ["GE"])["GE"]
+    state = tmp_path / "state-of-ge"
+    rc = to_run_config(get_config("smoke"))
+    node = {"data-path": str(ge), "state-dir": str(state), "site-name": "GE-Oslo"}
+    ctx = site_context(rc, node, 0)
+    assert (ctx.site, ctx.data_site, ctx.deployed) == ("GE-Oslo", "GE", True)
+    text = _scrub(f"cannot read {ge}/arrays/x.npz nor {state}/run/round.json", ctx)
+    assert str(ge) not in text and str(state) not in text
+    assert "<data-path>/arrays/x.npz" in text and "<state-dir>/run" in text
+
+
+def test_supernode_auth_needs_tls(smoke_dir, tmp_path):
+    from medlora_lib.fl.deploy import Deployment
+
+    with pytest.raises(ConfigError, match="--tls"):
+        Deployment(get_config("smoke", method="fedavg_lora"), tmp_path, supernode_auth=True)

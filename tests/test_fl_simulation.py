@@ -8,6 +8,7 @@ module; a second one runs the project's app with a ClientApp that fails on purpo
 from __future__ import annotations
 
 import re
+import time
 
 import numpy as np
 import pandas as pd
@@ -45,10 +46,39 @@ def runs():
 
 @pytest.fixture(scope="module")
 def failing(tmp_path_factory):
+    """A run with a failing site; meanwhile every listening socket of every process it
+    starts (SuperLink, Ray's GCS and raylet, the apps) is recorded."""
+    import os
+    import threading
+
+    import psutil
+
     from tests.flower_apps import failing_app
 
     app = failing_app(tmp_path_factory.mktemp("apps"))
-    return simulate(_cfg("fedavg_lora", 3, seed=1), verbose=False, app_dir=app)
+    out: dict = {}
+
+    def go():
+        out["result"] = simulate(
+            _cfg("fedavg_lora", 3, seed=1), verbose=False, app_dir=app
+        )
+
+    t = threading.Thread(target=go)
+    t.start()
+    listening: set = set()
+    me = psutil.Process(os.getpid())
+    while t.is_alive():
+        pids = {p.pid for p in me.children(recursive=True)}
+        for c in psutil.net_connections(kind="inet"):
+            if c.status == psutil.CONN_LISTEN and c.pid in pids:
+                try:
+                    listening.add((c.laddr.ip, psutil.Process(c.pid).name()))
+                except psutil.Error:  # exited meanwhile
+                    pass
+        time.sleep(0.5)
+    t.join()
+    out["listening"] = listening
+    return out
 
 
 def test_every_federated_method_runs_and_reports(runs):
@@ -140,8 +170,18 @@ def test_flower_equals_plain_inprocess_loop(runs):
     )
 
 
+def test_the_simulation_listens_on_loopback_only(failing):
+    names = {name for _, name in failing["listening"]}
+    assert {"gcs_server", "raylet"} <= names  # Ray was seen while it ran
+    assert {ip for ip, _ in failing["listening"]} <= {
+        "127.0.0.1",
+        "::ffff:127.0.0.1",
+        "::1",
+    }
+
+
 def test_failing_site_is_recorded_by_name_and_the_run_goes_on(failing):
-    r = failing
+    r = failing["result"]
     train_fails = [f for f in r.failures if f["phase"] == "train"]
     assert len(train_fails) == 1
     f = train_fails[0]

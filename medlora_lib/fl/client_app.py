@@ -74,6 +74,9 @@ class SiteContext:
     state_dir: Path | None
     deployed: bool  # a real SuperNode (paths from its node config)
     num_sites: int = 0
+    data_site: str = (
+        ""  # the site's name in its folder's manifest (site-name may rename)
+    )
 
 
 _CONTEXTS: dict[str, SiteContext] = {}
@@ -90,10 +93,8 @@ def site_context(
         DataError: a ``data-path`` holding several sites or another image size.
     """
     key = json.dumps(
-        [index, str(run_config.get("run.batch", ""))[:0], sorted(node_config.items())],
-        default=str,
+        [index, sorted(node_config.items()), sorted(run_config.items())], default=str
     )
-    key += json.dumps(sorted((k, str(v)) for k, v in run_config.items()))
     if key in _CONTEXTS:
         return _CONTEXTS[key]
     from medlora_lib.fl.sites import folder_site, site_names
@@ -115,9 +116,8 @@ def site_context(
                 f"data-path {data_path} holds no manifest.csv; prepare the site's data "
                 "with `medlora prepare ...` (one site per folder)"
             )
-        site = str(node_config.get("site-name", "")) or folder_site(
-            data_path, cfg.fed.partition_by
-        )
+        data_site = folder_site(data_path, cfg.fed.partition_by)
+        site = str(node_config.get("site-name", "")) or data_site
         ctx = SiteContext(
             cfg=cfg,
             options=options,
@@ -125,6 +125,7 @@ def site_context(
             data_path=data_path,
             state_dir=Path(str(node_config["state-dir"])).expanduser(),
             deployed=True,
+            data_site=data_site,
         )
     elif "partition-id" in node_config:
         from medlora_lib.pipeline import resolve_data_dir
@@ -158,6 +159,7 @@ def site_context(
             state_dir=root / site if site else None,
             deployed=False,
             num_sites=len(names),
+            data_site=site,
         )
     else:
         raise ConfigError(
@@ -187,7 +189,8 @@ def _refuse_server_paths(ctx: SiteContext, node_config: dict[str, Any]) -> None:
         ctx.cfg = dataclasses.replace(
             ctx.cfg, model=dataclasses.replace(ctx.cfg.model, pretrained=local)
         )
-    elif "model-path" in node_config and str(node_config["model-path"]):
+    elif p == "hub" and str(node_config.get("model-path", "")):
+        # the site's own copy of the public checkpoint (no download at the site)
         ctx.cfg = dataclasses.replace(
             ctx.cfg,
             model=dataclasses.replace(
@@ -204,7 +207,7 @@ def _runtime(ctx: SiteContext):
     def build():
         data = load_site(
             ctx.data_path,
-            ctx.site,
+            ctx.data_site or ctx.site,
             ctx.cfg.fed.partition_by,
             tuple(ctx.cfg.data.image_size),
         )
@@ -230,7 +233,13 @@ def _store(ctx: SiteContext, run_key: str):
 def _scrub(text: str, ctx: SiteContext | None) -> str:
     if ctx is None or not ctx.deployed:
         return text
-    for path, name in ((ctx.data_path, "<data-path>"), (ctx.state_dir, "<state-dir>")):
+    model = ctx.cfg.model.pretrained
+    model_path = Path(model) if model not in ("small", "hub", "none") else None
+    for path, name in (
+        (ctx.data_path, "<data-path>"),
+        (ctx.state_dir, "<state-dir>"),
+        (model_path, "<model-path>"),
+    ):
         if path is not None:
             text = text.replace(str(path), name)
     return text.replace(str(Path.home()), "~")
@@ -276,7 +285,7 @@ def query(msg: Message, context: Context, ctx: SiteContext) -> Message:
         m = read_manifest(ctx.data_path, check_files=False)
         n = int(
             (
-                (site_of(m, ctx.cfg.fed.partition_by) == ctx.site)
+                (site_of(m, ctx.cfg.fed.partition_by) == (ctx.data_site or ctx.site))
                 & (m["split"] == "train")
             ).sum()
         )

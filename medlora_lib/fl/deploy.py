@@ -10,7 +10,7 @@ Book chapter ``book/deployment.md``. A thin launcher around ``flwr run .``: on
    SuperNode authentication when ``supernode_auth=True`` (a key pair per site,
    registered with ``flwr supernode register``);
 3. starts one ``flower-supernode`` per site with ``--node-config
-   "data-path=WORK/sites/<site>/data state-dir=WORK/sites/<site>/state"``;
+   "data-path=WORK/sites-data/<site> state-dir=WORK/sites-state/<site>"``;
 4. runs ``flwr run <project> medlora --run-config WORK/run-config.toml --stream``, the
    run config being the experiment (plus ``fed.num-sites`` = the number of sites and
    ``run.dir=WORK/run``);
@@ -70,6 +70,11 @@ class Deployment:
             raise ConfigError(
                 f"deploy: method {config.method!r} is not federated; choose one of "
                 f"{federated} (run local / centralized with `medlora run`)"
+            )
+        if supernode_auth and not tls:
+            raise ConfigError(
+                "SuperNode authentication needs TLS (Flower refuses a SuperNode key on "
+                "an insecure connection): add --tls (tls=True)"
             )
         self.work = Path(work).resolve()
         self.work.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,15 @@ from medlora_lib.fl.strategies import PREV_EVAL_PREFIX, MedloraFedAvg
 
 __all__ = ["app", "GridSites", "run_experiment"]
 
+#: Flower error codes that mean the site's own ClientApp answered (it raised, or its
+#: mod refused): such a site is alive, and still reports its previous evaluation.
+_SITE_ERRORS = (
+    1,
+    2,
+    6,
+    7,
+)  # LOAD_CLIENT_APP, CLIENT_APP_RAISED, MOD_FAILED, INVALID_FAB
+
 
 def _short_reason(reason: str) -> str:
     """The last line that names the exception (Ray / Flower wrap it in tracebacks)."""
@@ -117,10 +126,12 @@ class GridSites:
                     continue
                 self._log("up", phase, rnd, site, rep)
                 if rep.has_error():
+                    # the site itself answered (its ClientApp raised) or the SuperLink
+                    # answered for it (message or node unavailable: the site is away)
                     failures.append(
                         {
                             "site": site,
-                            "answered": True,
+                            "answered": int(rep.error.code) in _SITE_ERRORS,
                             "reason": _short_reason(str(rep.error.reason)),
                         }
                     )
@@ -159,12 +170,22 @@ class GridSites:
             for old in [
                 k for k, v in self.node_site.items() if v == site and k != node
             ]:
-                del self.node_site[old]  # the site restarted under a new node id
+                # a restarted SuperNode (new node id) — or two SuperNodes that claim
+                # the same site: the newer one is used, and the clash is reported
+                print(
+                    f"[{self.label}] node {node} is site {site!r}, which node {old} "
+                    "was: using the newer one (a restarted SuperNode; two hospitals "
+                    "need different site-name values in their node config)",
+                    flush=True,
+                )
+                del self.node_site[old]
             self.node_site[node] = site
         for f in failures:
             node = int(f["site"].split()[1])
-            self.node_site[node] = ""  # cannot take part; asked again if it comes back
-            if f["answered"]:
+            if f[
+                "answered"
+            ]:  # it refused (e.g. no data-path); asked again if it comes back
+                self.node_site[node] = ""
                 self.refused[node] = f["reason"]
                 print(
                     f"[{self.label}] a SuperNode refused the experiment: {f['reason']}",
