@@ -361,4 +361,6 @@ def test_supernode_auth_needs_tls(smoke_dir, tmp_path):
     from medlora_lib.fl.deploy import Deployment
 
     with pytest.raises(ConfigError, match="--tls"):
-        Deployment(get_config("smoke", method="fedavg_lora"), tmp_path, supernode_auth=True)
+        Deployment(
+            get_config("smoke", method="fedavg_lora"), tmp_path, supernode_auth=True
+        )
