@@ -266,6 +266,13 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``medlora`` console script."""
     args = build_parser().parse_args(argv)
+    import signal
+
+    def _terminate(signum, frame):  # SIGTERM: stop the Flower processes as Ctrl-C does
+        raise KeyboardInterrupt
+
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         if args.command == "synth":
             _cmd_synth(args)

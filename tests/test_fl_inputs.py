@@ -232,9 +232,15 @@ def test_ctrl_c_during_a_simulation_stops_everything_cleanly(tmp_path):
     env = {**os.environ, "MEDLORA_CACHE": str(tmp_path / "cache")}
     cmd = [sys.executable, "-m", "medlora_lib.cli", "run", "--method", "fedavg_lora"]
     cmd += ["--profile", "smoke", "--out", str(tmp_path / "out"), "--set", *SMOKE[:1]]
-    cmd += ["fed.num_rounds=200", "train.num_threads=1"]
+    cmd += ["fed.num_rounds=100000", "train.num_threads=1"]
     proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # a shell that starts jobs in the background ignores SIGINT; a terminal does not
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     t0 = time.monotonic()
     while time.monotonic() - t0 < 240:  # until the federation runs

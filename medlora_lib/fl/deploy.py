@@ -135,7 +135,6 @@ class Deployment:
             database=self.work / "superlink.db",
         )
         if self.link is not None:
-            link.control_port = self.link.control_port
             link.procs = [
                 p
                 for p in self.link.procs

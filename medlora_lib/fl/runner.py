@@ -216,7 +216,6 @@ class LoopbackSuperLink:
         self.tls = tls
         self.supernode_auth = supernode_auth
         self.port = port or free_port()
-        self.control_port = free_port()
         self.database = database
         self.home = self.work / "superlink-home"
         self.log = self.work / "superlink.log"
@@ -247,7 +246,6 @@ class LoopbackSuperLink:
             "--disable-runtime-dependency-installation",
             "--host", "127.0.0.1",
             "--port", str(self.port),
-            "--control-api-address", f"127.0.0.1:{self.control_port}",
             "--health-server-address", f"127.0.0.1:{free_port()}",
         ]  # fmt: skip
         if self.database is not None:
