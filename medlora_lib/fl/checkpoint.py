@@ -28,7 +28,7 @@ import torch
 
 from medlora_lib.config import OPERATIONAL_KEYS
 from medlora_lib.errors import ConfigError, DataError
-from medlora_lib.fl.site_state import _swap_dir, atomic_write_tensors, read_tensors
+from medlora_lib.fl.site_state import atomic_write_tensors, read_tensors, swap_dir
 
 __all__ = [
     "Checkpoint",
@@ -104,7 +104,7 @@ def save_checkpoint(run_dir: str | Path, ckpt: Checkpoint) -> Path:
     text = json.dumps(state, default=float)
     (tmp / ".state.json.tmp").write_text(text)
     os.replace(tmp / ".state.json.tmp", tmp / "state.json")
-    _swap_dir(tmp, dst)
+    swap_dir(tmp, dst)
     done = sorted(
         int(m.group(1))
         for p in root.iterdir()

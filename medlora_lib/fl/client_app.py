@@ -338,6 +338,18 @@ def _private_before(store, run_key: str, rnd: int, say: bool = False):
     return None if got is None else got[1]
 
 
+def _step(msg: Message, ctx: SiteContext):
+    """What a train or evaluate step starts from: the round's config, the site's model
+    and data, its state store and the received shared tensors."""
+    if not ctx.site:
+        raise ConfigError("this node holds no site of the experiment")
+    cfg = msg.content["config"]
+    rnd, run_key = int(cfg["server-round"]), str(cfg["run-key"])
+    rt = _runtime(ctx)
+    store = _store(ctx, run_key)
+    return cfg, rnd, run_key, rt, store, msg.content["arrays"].to_torch_state_dict()
+
+
 @app.train()
 @_guard
 def train(msg: Message, context: Context, ctx: SiteContext) -> Message:
@@ -348,13 +360,7 @@ def train(msg: Message, context: Context, ctx: SiteContext) -> Message:
     adds those metrics under :data:`PREV_EVAL_PREFIX`. After training it writes its
     private state under ``state-dir`` before replying.
     """
-    if not ctx.site:
-        raise ConfigError("this node holds no site of the experiment")
-    cfg = msg.content["config"]
-    rnd, run_key = int(cfg["server-round"]), str(cfg["run-key"])
-    rt = _runtime(ctx)
-    store = _store(ctx, run_key)
-    shared = msg.content["arrays"].to_torch_state_dict()
+    cfg, rnd, run_key, rt, store, shared = _step(msg, ctx)
     private = _private_before(store, run_key, rnd, say=True)
     prev: dict[str, float] = {}
     state_s = 0.0
@@ -393,13 +399,7 @@ def train(msg: Message, context: Context, ctx: SiteContext) -> Message:
 @_guard
 def evaluate(msg: Message, context: Context, ctx: SiteContext) -> Message:
     """Evaluate this site's deployed model (received global + its private part)."""
-    if not ctx.site:
-        raise ConfigError("this node holds no site of the experiment")
-    cfg = msg.content["config"]
-    rnd, run_key = int(cfg["server-round"]), str(cfg["run-key"])
-    rt = _runtime(ctx)
-    store = _store(ctx, run_key)
-    shared = msg.content["arrays"].to_torch_state_dict()
+    _, rnd, run_key, rt, store, shared = _step(msg, ctx)
     private = _private_before(store, run_key, rnd + 1)
     metrics = _evaluate_and_keep(ctx, rt, store, run_key, rnd, shared, private)
     record = MetricRecord({"num-examples": int(metrics.get("val_n", 0)), **metrics})

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from medlora_lib.errors import CheckpointError, ConfigError, DataError
+from medlora_lib.fl.site_state import swap_dir
 
 __all__ = [
     "EXPORT_FORMAT",
@@ -233,18 +234,6 @@ def _how_to_load(adapters: list[str]) -> str:
     )
 
 
-def _replace_dir(tmp: Path, dst: Path) -> None:
-    """Put the finished folder ``tmp`` at ``dst`` (replacing an older one)."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-        os.replace(tmp, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, dst)
-
-
 def _overlaps(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
@@ -431,7 +420,7 @@ def export_site_model(
         atomic_write_tensors(tmp / HEAD_FILE, head)
         card["head_tensors"] = sorted(head)
         (tmp / MODEL_CARD).write_text(json.dumps(card, indent=1, default=str))
-        _replace_dir(tmp, out)
+        swap_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

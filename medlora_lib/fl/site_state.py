@@ -37,7 +37,13 @@ import torch
 
 from medlora_lib.errors import ConfigError, DataError
 
-__all__ = ["SiteStateStore", "atomic_write_tensors", "read_tensors", "KEEP_ROUNDS"]
+__all__ = [
+    "SiteStateStore",
+    "atomic_write_tensors",
+    "read_tensors",
+    "swap_dir",
+    "KEEP_ROUNDS",
+]
 
 KEEP_ROUNDS = 2
 _ROUND_RE = re.compile(r"^round-(\d{4,})$")
@@ -74,7 +80,7 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def _swap_dir(tmp: Path, dst: Path) -> None:
+def swap_dir(tmp: Path, dst: Path) -> None:
     """Put the finished folder ``tmp`` at ``dst`` (replacing an older one)."""
     if dst.exists():
         old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
@@ -170,7 +176,7 @@ class SiteStateStore:
         _write_json(
             tmp / "round.json", {"round": rnd, "site": self.site, **(meta or {})}
         )
-        _swap_dir(tmp, dst)
+        swap_dir(tmp, dst)
         for old in self.rounds(run_key)[:-KEEP_ROUNDS]:
             shutil.rmtree(d / f"round-{old:04d}", ignore_errors=True)
         return dst
@@ -210,7 +216,7 @@ class SiteStateStore:
 
             save_local_adapter(model, tmp / "local_adapter")
         _write_json(tmp / "deployed.json", {"site": self.site, **meta})
-        _swap_dir(tmp, dst)
+        swap_dir(tmp, dst)
         return dst
 
     def deployed(self, run_key: str, which: str = "best") -> dict[str, Any] | None:
