@@ -260,3 +260,18 @@ def test_ctrl_c_during_a_simulation_stops_everything_cleanly(tmp_path):
         if str(tmp_path) in where:
             left.append(where)
     assert left == []
+
+
+def test_a_site_without_training_data_is_refused_before_start(data_dir, tmp_path):
+    bad = tmp_path / "no-ge-train"
+    shutil.copytree(data_dir, bad)
+    m = pd.read_csv(bad / "manifest.csv", dtype=str, keep_default_na=False)
+    m.loc[(m.vendor == "GE") & (m.split == "train"), "split"] = "test"
+    m.to_csv(bad / "manifest.csv", index=False)
+    cfg = get_config(
+        "smoke", overrides=[*SMOKE, f'data.data_dir="{bad}"'], method="fedavg_lora"
+    )
+    with pytest.raises(
+        DataError, match=r"\['GE'\] have no training subjects.*fed.exclude"
+    ):
+        simulate(cfg, verbose=False)

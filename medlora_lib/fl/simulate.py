@@ -89,8 +89,20 @@ def plan(
         data_dir = resolve_data_dir(cfg, verbose=False)
         from medlora_lib.data.manifest import read_manifest
 
-        read_manifest(data_dir)  # every listed array exists (before anything starts)
+        manifest = read_manifest(data_dir)  # every listed array exists
         names = site_names(data_dir, cfg.fed.partition_by)
+        from medlora_lib.errors import DataError
+        from medlora_lib.fl.sites import site_of
+
+        train = manifest[manifest["split"] == "train"]
+        has_train = set(site_of(train, cfg.fed.partition_by))
+        empty = [n for n in names if n not in has_train and n not in cfg.fed.exclude]
+        if empty:
+            raise DataError(
+                f"{data_dir / 'manifest.csv'}: site(s) {empty} have no training "
+                "subjects; re-split the data (medlora prepare ... --overwrite) or leave "
+                f"them out with fed.exclude={empty}"
+            )
         unknown = [c for c in cfg.fed.exclude if c not in names]
         if unknown:
             raise ConfigError(
