@@ -11,9 +11,9 @@ bit for bit and continues. Layout::
     <state-dir>/<run-key>/experiment.json    the experiment's config (refused if it differs)
     <state-dir>/<run-key>/round-0007/        private.safetensors + round.json
     <state-dir>/<run-key>/deployed-last/     the model the site uses now: the global
-    <state-dir>/<run-key>/deployed-best/     state it evaluated + its private state,
-                                             with the local adapter also in PEFT's
-                                             adapter format (``local_adapter/``)
+    <state-dir>/<run-key>/deployed-best/     state it evaluated + its private state
+                                             (best on validation: the local adapter
+                                             also in PEFT's format, ``local_adapter/``)
 
 ``run-key`` is chosen by the server when a run starts and kept when it resumes, so a
 resumed run finds its sites' state and a new run of the same configuration starts fresh.

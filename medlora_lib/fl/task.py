@@ -95,7 +95,7 @@ def validate_config(cfg: ExperimentConfig) -> None:
     resolve_adapted_blocks(acfg.adapted_blocks, depth)
 
 
-_RUNTIMES: dict[str, ClientRuntime] = {}
+_RUNTIMES: dict[tuple[str, str], ClientRuntime] = {}
 _PREFIX_CACHE: dict[str, Any] = {}
 
 
@@ -403,12 +403,16 @@ class _local_adapter_off:
                 p.copy_(s)
 
 
-def get_runtime(key: str, build: Any) -> ClientRuntime:
-    """The runtime stored under ``key``, built by ``build()`` once per process.
+def get_runtime(experiment: str, site: str, build: Any) -> ClientRuntime:
+    """The runtime of ``site`` in ``experiment``, built by ``build()`` once per process.
 
-    Experiments run one after the other: building a new one drops the others' models.
+    A simulation process serves several sites in turn, so every site of the current
+    experiment is kept; experiments run one after the other, so starting a new one
+    drops the others' models.
     """
+    key = (experiment, site)
     if key not in _RUNTIMES:
-        _RUNTIMES.clear()
+        for old in [k for k in _RUNTIMES if k[0] != experiment]:
+            del _RUNTIMES[old]
         _RUNTIMES[key] = build()
     return _RUNTIMES[key]
