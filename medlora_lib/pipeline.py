@@ -87,17 +87,26 @@ def resolve_data_dir(cfg: ExperimentConfig, verbose: bool = True) -> Path:
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     path = default_cache_dir() / "data" / f"synth-{cfg.profile}-{digest}"
     if not (path / "manifest.csv").exists():
-        t0 = time.perf_counter()
-        # two processes halve the generation of a full-size set; for a small set the
-        # start-up of a worker pool costs more than it saves (same bytes either way)
-        workers = min(2, os.cpu_count() or 1) if scfg.scale >= 0.5 else 1
-        make_synthetic(
-            path, scfg, layout="preprocessed", overwrite=True, workers=workers
-        )
-        if verbose:
-            print(
-                f"generated synthetic data in {path} ({time.perf_counter() - t0:.1f} s)"
-            )
+        import fcntl
+
+        # several processes may ask at once (the virtual SuperNodes of a first
+        # `flwr run .`): one generates, the others wait and read the same folder
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.parent / f".{path.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (path / "manifest.csv").exists():
+                t0 = time.perf_counter()
+                # two processes halve the generation of a full-size set; for a small
+                # set the start-up of a worker pool costs more than it saves
+                workers = min(2, os.cpu_count() or 1) if scfg.scale >= 0.5 else 1
+                make_synthetic(
+                    path, scfg, layout="preprocessed", overwrite=True, workers=workers
+                )
+                if verbose:
+                    print(
+                        f"generated synthetic data in {path} "
+                        f"({time.perf_counter() - t0:.1f} s)"
+                    )
     return path
 
 
