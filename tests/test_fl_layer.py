@@ -337,6 +337,32 @@ def test_a_site_that_comes_back_under_a_new_node_rejoins():
     assert t.sites(3) == ["GE", "Canon"] and t._node("Canon") == 7
 
 
+def test_a_restarted_site_that_answers_late_still_rejoins():
+    # the killed node is still listed (its heartbeat has not expired) and the restarted
+    # one is slow to start its ClientApp: its answer comes after the wait
+    calls: dict = {}
+    grid = FakeGrid({1: _site("GE", 1, calls), 2: _site("Canon", 2, calls)})
+    t, _ = _transport(grid, round_timeout=0.2)
+    t.connect()
+    grid.nodes[2] = lambda m: None  # killed: listed, silent
+    held: list = []
+    late = _site("Canon", 7, calls)
+    grid.nodes[7] = lambda m: held.append((m, late(m)))  # answers nothing yet
+    asked = len(held)
+    t0 = time.monotonic()
+    assert t.sites(2) == ["GE", "Canon"] and t._node("Canon") == 2
+    assert 0.2 <= time.monotonic() - t0 < 2  # waited one fed.round_timeout for it
+    assert len(held) == asked + 1
+    t.sites(3)  # still open: not asked (nor waited for) again
+    assert len(held) == asked + 1
+    (m, rep), = held[-1:]
+    grid.box[m.metadata.message_id] = rep  # the late answer arrives
+    assert t.sites(4) == ["GE", "Canon"] and t._node("Canon") == 7
+    assert t.sites(5) == ["GE", "Canon"] and t._node("Canon") == 7  # 2 not re-asked
+    del grid.nodes[2]  # its heartbeat expired
+    assert t.sites(6) == ["GE", "Canon"] and t.superseded == {}
+
+
 def test_run_config_carries_no_path_a_site_opens():
     rc = to_run_config(get_config("smoke"))
     assert json.dumps(rc)  # scalars only

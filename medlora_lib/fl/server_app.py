@@ -78,6 +78,11 @@ class GridSites:
         self.label = label
         self.node_site: dict[int, str] = {}
         self.refused: dict[int, str] = {}
+        # nodes whose site a newer node took over (a killed SuperNode still listed
+        # until its heartbeat expires)
+        self.superseded: dict[int, str] = {}
+        # questions (query messages) still open: message id -> (node, TTL deadline)
+        self.asking: dict[str, tuple[int, float]] = {}
         self.messages: list[dict[str, Any]] = []
         self.poll = 0.005 if type(grid).__name__ == "InMemoryGrid" else 0.2
 
@@ -110,8 +115,13 @@ class GridSites:
         phase: str,
         rnd: int,
         timeout: float,
-    ) -> tuple[dict[str, Message], list[dict[str, Any]]]:
-        """Push ``messages`` (one per site), pull replies until all came or ``timeout``."""
+        keep_pending: bool = False,
+    ) -> Any:
+        """Push ``messages`` (one per site), pull replies until all came or ``timeout``.
+
+        Returns ``(replies, failures)``; with ``keep_pending`` the messages still
+        unanswered are returned (``message id -> site``) instead of counted as failures.
+        """
         for m, s in zip(messages, sites, strict=True):
             self._log("down", phase, rnd, s, m)
         ids = list(self.grid.push_messages(messages))
@@ -139,6 +149,8 @@ class GridSites:
                     replies[site] = rep
             if pending:
                 time.sleep(self.poll)
+        if keep_pending:
+            return replies, failures, pending
         for site in pending.values():
             failures.append(
                 {
@@ -150,20 +162,62 @@ class GridSites:
         return replies, failures
 
     def _hello(self, nodes: list[int], timeout: float) -> None:
+        """Ask ``nodes`` which site they are; wait up to ``timeout`` for the answers.
+
+        A node that has not answered by then (a SuperNode still starting its ClientApp
+        process) keeps its question open for one ``fed.round_timeout`` more (the
+        message's TTL): its late answer is taken at the next refresh, and it is not
+        asked — nor waited for — again meanwhile.
+        """
         cfg = self.strategy.round_config(0, False)
+        ttl = timeout + self.cfg.fed.round_timeout
         msgs = [
             Message(
                 RecordDict({"config": cfg}),
                 dst_node_id=n,
                 message_type="query",
                 group_id="hello",
-                ttl=timeout,
+                ttl=ttl,
             )
             for n in nodes
         ]
-        replies, failures = self._exchange(
-            msgs, [f"node {n}" for n in nodes], "query", 0, timeout
+        replies, failures, pending = self._exchange(
+            msgs, [f"node {n}" for n in nodes], "query", 0, timeout, keep_pending=True
         )
+        until = time.monotonic() + self.cfg.fed.round_timeout
+        for msg_id, label in pending.items():
+            self.asking[msg_id] = (int(label.split()[1]), until)
+        self._take_hellos(replies, failures)
+
+    def _poll_hellos(self) -> None:
+        """Take the answers to questions still open (non-blocking); drop expired ones."""
+        now = time.monotonic()
+        for msg_id in [k for k, (_, until) in self.asking.items() if until < now]:
+            del self.asking[msg_id]
+        if not self.asking:
+            return
+        replies: dict[str, Message] = {}
+        failures: list[dict[str, Any]] = []
+        for rep in self.grid.pull_messages(list(self.asking)):
+            node, _ = self.asking.pop(rep.metadata.reply_to_message_id, (None, 0.0))
+            if node is None:
+                continue
+            self._log("up", "query", 0, f"node {node}", rep)
+            if rep.has_error():
+                failures.append(
+                    {
+                        "site": f"node {node}",
+                        "answered": int(rep.error.code) in _SITE_ERRORS,
+                        "reason": _short_reason(str(rep.error.reason)),
+                    }
+                )
+            else:
+                replies[f"node {node}"] = rep
+        self._take_hellos(replies, failures)
+
+    def _take_hellos(
+        self, replies: dict[str, Message], failures: list[dict[str, Any]]
+    ) -> None:
         for _key, rep in replies.items():
             node = int(rep.metadata.src_node_id)
             site = str(rep.content["site"]["site"])
@@ -179,6 +233,7 @@ class GridSites:
                     flush=True,
                 )
                 del self.node_site[old]
+                self.superseded[old] = site  # not asked again while it is listed
             self.node_site[node] = site
         for f in failures:
             node = int(f["site"].split()[1])
@@ -193,12 +248,16 @@ class GridSites:
                 )
 
     def _refresh(self, timeout: float) -> None:
+        self._poll_hellos()
         listed = set(int(n) for n in self.grid.get_node_ids())
         for gone in [n for n in self.node_site if n not in listed]:
             del self.node_site[gone]
-        for gone in [n for n in self.refused if n not in listed]:
-            del self.refused[gone]
-        new = sorted(listed - set(self.node_site) - set(self.refused))
+        for seen in (self.refused, self.superseded):
+            for gone in [n for n in seen if n not in listed]:
+                del seen[gone]
+        asked = {n for n, _ in self.asking.values()}
+        known = set(self.node_site) | set(self.refused) | set(self.superseded)
+        new = sorted(listed - known - asked)
         if new:
             self._hello(new, timeout)
 
@@ -251,7 +310,8 @@ class GridSites:
         return _ordered(names)
 
     def sites(self, rnd: int) -> list[str]:
-        self._refresh(min(10.0, self.cfg.fed.round_timeout))
+        # a new node gets as long to say which site it is as a site gets to train
+        self._refresh(self.cfg.fed.round_timeout)
         return self.sites_now()
 
     def _node(self, site: str) -> int:
