@@ -355,7 +355,7 @@ def test_a_restarted_site_that_answers_late_still_rejoins():
     assert len(held) == asked + 1
     t.sites(3)  # still open: not asked (nor waited for) again
     assert len(held) == asked + 1
-    (m, rep), = held[-1:]
+    ((m, rep),) = held[-1:]
     grid.box[m.metadata.message_id] = rep  # the late answer arrives
     assert t.sites(4) == ["GE", "Canon"] and t._node("Canon") == 7
     assert t.sites(5) == ["GE", "Canon"] and t._node("Canon") == 7  # 2 not re-asked

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -445,43 +444,10 @@ class _Procs:
                 continue
 
     def stop_all(self, grace: float = 10.0) -> None:
-        """SIGTERM every process group at once, then SIGKILL what is left, by PID."""
-        import psutil
+        """Stop every process and the helpers Flower detached (the library's stop)."""
+        from medlora_lib.fl.runner import stop_processes
 
-        children: list[psutil.Process] = []
-        for proc in self.procs.values():
-            try:
-                children += psutil.Process(proc.pid).children(recursive=True)
-            except psutil.Error:
-                pass
-        running = [p for p in self.procs.values() if p.poll() is None]
-        for proc in running:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)  # the session we started it in
-            except (ProcessLookupError, PermissionError):
-                pass
-        deadline = time.monotonic() + grace
-        for proc in running:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-                proc.wait(timeout=5)
-        # Flower detaches some helpers (flower-superexec) into their own sessions
-        for child in children:
-            try:
-                child.terminate()
-            except psutil.Error:
-                pass
-        _, alive = psutil.wait_procs(children, timeout=5)
-        for child in alive:
-            try:
-                child.kill()
-            except psutil.Error:
-                pass
+        stop_processes(list(self.procs.values()), grace=grace)
         for fh in self._files:
             fh.close()
 

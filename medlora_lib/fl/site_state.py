@@ -25,11 +25,13 @@ place; the last two rounds are kept.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +92,16 @@ def swap_dir(tmp: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, dst)
+
+
+@contextlib.contextmanager
+def _staged(parent: Path, name: str) -> Iterator[Path]:
+    """A fresh hidden folder beside ``parent/name``, swapped into place on success."""
+    tmp = parent / f".{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    swap_dir(tmp, parent / name)
 
 
 class SiteStateStore:
@@ -168,18 +180,14 @@ class SiteStateStore:
     ) -> Path:
         """Write the private state that training in round ``rnd`` produced."""
         d = self.run_dir(run_key)
-        dst = d / f"round-{rnd:04d}"
-        tmp = d / f".round-{rnd:04d}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        atomic_write_tensors(tmp / "private.safetensors", private)
-        _write_json(
-            tmp / "round.json", {"round": rnd, "site": self.site, **(meta or {})}
-        )
-        swap_dir(tmp, dst)
+        with _staged(d, f"round-{rnd:04d}") as tmp:
+            atomic_write_tensors(tmp / "private.safetensors", private)
+            _write_json(
+                tmp / "round.json", {"round": rnd, "site": self.site, **(meta or {})}
+            )
         for old in self.rounds(run_key)[:-KEEP_ROUNDS]:
             shutil.rmtree(d / f"round-{old:04d}", ignore_errors=True)
-        return dst
+        return d / f"round-{rnd:04d}"
 
     def load_before(
         self, run_key: str, rnd: int
@@ -205,19 +213,15 @@ class SiteStateStore:
     ) -> Path:
         """Write the model the site uses (``which``: ``last`` or ``best``)."""
         d = self.run_dir(run_key)
-        dst = d / f"deployed-{which}"
-        tmp = d / f".deployed-{which}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        atomic_write_tensors(tmp / "shared.safetensors", shared)
-        atomic_write_tensors(tmp / "private.safetensors", private)
-        if model is not None:
-            from medlora_lib.adapters import save_local_adapter
+        with _staged(d, f"deployed-{which}") as tmp:
+            atomic_write_tensors(tmp / "shared.safetensors", shared)
+            atomic_write_tensors(tmp / "private.safetensors", private)
+            if model is not None:
+                from medlora_lib.adapters import save_local_adapter
 
-            save_local_adapter(model, tmp / "local_adapter")
-        _write_json(tmp / "deployed.json", {"site": self.site, **meta})
-        swap_dir(tmp, dst)
-        return dst
+                save_local_adapter(model, tmp / "local_adapter")
+            _write_json(tmp / "deployed.json", {"site": self.site, **meta})
+        return d / f"deployed-{which}"
 
     def deployed(self, run_key: str, which: str = "best") -> dict[str, Any] | None:
         """``{"shared", "private", "meta", "path"}`` of a saved deployed model."""
