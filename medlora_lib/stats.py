@@ -58,7 +58,7 @@ SUMMARY_CLIENTS = ("mean", "pooled")
 DEFAULT_METRICS = ("balanced_accuracy", "sensitivity", "specificity", "auc")
 
 #: Where the numbers of :data:`PAPER_RESULTS` come from.
-PAPER_SOURCE = "Med-DualLoRA (MICCAI 2026), real ACDC + M&Ms, vendors as clients"
+PAPER_SOURCE = "Med-DualLoRA (arXiv 2603.10967), real ACDC + M&Ms, vendors as clients"
 #: How :func:`paper_table` labels the paper's row.
 PAPER_LABEL = "Med-DualLoRA (paper, real ACDC + M&Ms — different data)"
 #: Published real-data numbers of the Med-DualLoRA paper. Only balanced accuracy and

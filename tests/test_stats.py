@@ -380,5 +380,5 @@ def test_paper_results_constant():
     row = PAPER_RESULTS.set_index("method").loc["med_dual_lora"]
     assert row["balanced_accuracy"] == 0.768 and row["specificity"] == 0.612
     assert math.isnan(row["auc"]) and math.isnan(row["sensitivity"])
-    assert "ACDC + M&Ms" in row["source"] and "MICCAI 2026" in row["source"]
+    assert "ACDC + M&Ms" in row["source"] and "arXiv 2603.10967" in row["source"]
     assert list(PAPER_RESULTS["method"]) == ["med_dual_lora"]

@@ -65,11 +65,15 @@ def join_new_site(
     from medlora_lib.fl.sites import load_site
     from medlora_lib.fl.task import ClientRuntime
 
+    from medlora_lib.adapters import METHODS
+
     cfg: ExperimentConfig = federation.config
-    if cfg.method != "med_dual_lora":
+    if not METHODS[cfg.method].has_local_adapter:
+        with_local = [m for m, s in METHODS.items() if s.has_local_adapter]
         raise ConfigError(
             f"join_new_site: the federation ran {cfg.method!r}; a site can join with its "
-            "own local adapter only on a med_dual_lora federation"
+            f"own local adapter only on a federation of a method that has one "
+            f"({', '.join(with_local)})"
         )
     if newcomer not in cfg.fed.exclude:
         raise ConfigError(

@@ -318,25 +318,37 @@ class GridSites:
         return next(n for n, s in self.node_site.items() if s == site)
 
     # ------------------------------------------------------------------ steps
+    def _step(
+        self,
+        phase: str,
+        rnd: int,
+        sites: list[str],
+        shared: dict,
+        evaluate_first: bool,
+    ) -> tuple[ArrayRecord, dict[str, Message], list[dict[str, Any]]]:
+        """The strategy's messages of ``phase`` to ``sites``, sent; their replies."""
+        arrays = ArrayRecord(shared)
+        self.strategy.nodes = [self._node(s) for s in sites]
+        configure = getattr(self.strategy, f"configure_{phase}")
+        config = self.strategy.round_config(rnd, evaluate_first)
+        msgs = list(configure(rnd, arrays, config, self.grid))
+        replies, failures = self._exchange(
+            msgs, sites, phase, rnd, self.cfg.fed.round_timeout
+        )
+        return arrays, replies, failures
+
     def train(
         self, rnd: int, sites: list[str], shared: dict, evaluate_first: bool
     ) -> RoundOutcome:
         from medlora_lib.comm import payload_bytes, wire_bytes
 
-        arrays = ArrayRecord(shared)
+        arrays, replies, failures = self._step(
+            "train", rnd, sites, shared, evaluate_first
+        )
         down = {
             "bytes_down": payload_bytes(arrays),
             "wire_bytes_down": wire_bytes(arrays),
         }
-        self.strategy.nodes = [self._node(s) for s in sites]
-        msgs = list(
-            self.strategy.configure_train(
-                rnd, arrays, self.strategy.round_config(rnd, evaluate_first), self.grid
-            )
-        )
-        replies, failures = self._exchange(
-            msgs, sites, "train", rnd, self.cfg.fed.round_timeout
-        )
         out = RoundOutcome(replies={}, failures=failures)
         for site in sites:
             if site not in replies:
@@ -370,16 +382,7 @@ class GridSites:
     def evaluate(self, rnd: int, sites: list[str], shared: dict) -> RoundOutcome:
         from medlora_lib.comm import payload_bytes
 
-        arrays = ArrayRecord(shared)
-        self.strategy.nodes = [self._node(s) for s in sites]
-        msgs = list(
-            self.strategy.configure_evaluate(
-                rnd, arrays, self.strategy.round_config(rnd, False), self.grid
-            )
-        )
-        replies, failures = self._exchange(
-            msgs, sites, "evaluate", rnd, self.cfg.fed.round_timeout
-        )
+        arrays, replies, failures = self._step("evaluate", rnd, sites, shared, False)
         out = RoundOutcome(replies={}, failures=failures)
         for site, rep in replies.items():
             m = {
