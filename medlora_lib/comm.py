@@ -24,6 +24,8 @@ __all__ = [
     "record_summary",
     "closed_form_bytes",
     "bytes_table",
+    "cumulative_traffic",
+    "bytes_to_reach",
 ]
 
 
@@ -129,3 +131,90 @@ def bytes_table(results: Any) -> Any:
             }
         )
     return pd.DataFrame(rows).set_index("method")
+
+
+def cumulative_traffic(results: Any) -> Any:
+    """Bytes of the whole federation per round and cumulated, one block per run.
+
+    Chapter ``06_communication_analysis``. Per round: the shared tensors up and down of
+    every site plus, in the last round, the final evaluation download.
+
+    Returns:
+        A ``pandas.DataFrame`` with ``round, bytes_up, bytes_down, bytes_down_eval,
+        total, cumulative_MB, method, seed``.
+    """
+    import pandas as pd
+
+    blocks = []
+    for r in results:
+        g = r.rounds.fillna({"bytes_down_eval": 0})
+        cols = ["bytes_up", "bytes_down", "bytes_down_eval"]
+        by_round = g.groupby("round")[cols].sum()
+        by_round["total"] = by_round.sum(axis=1)
+        by_round["cumulative_MB"] = by_round["total"].cumsum() / 1e6
+        blocks.append(
+            by_round.reset_index().assign(method=r.method, seed=r.config.seed)
+        )
+    return pd.concat(blocks, ignore_index=True)
+
+
+def bytes_to_reach(
+    results: Any,
+    target: float,
+    metric: str = "val_balanced_accuracy",
+) -> tuple[Any, Any]:
+    """How many bytes each method moves before its learning curve reaches ``target``.
+
+    Chapter ``06_communication_analysis``. The curve of a run is ``metric`` per round,
+    averaged over sites; the method's curve is its mean over seeds, against the mean
+    cumulative traffic (:func:`cumulative_traffic`). It is read on the **validation**
+    split by default — reading the test curve to pick "the round it got there" would
+    select on the test set.
+
+    Returns:
+        ``(curves, reach)``: the mean curve per method and round (``method, round,
+        value, MB``) and one row per method (best mean value on the curve, the first
+        round at or above ``target`` and the MB moved by then; empty when never).
+    """
+    import pandas as pd
+
+    traffic = cumulative_traffic(results).set_index(["method", "seed", "round"])
+    rows = []
+    for r in results:
+        value = r.rounds.groupby("round")[metric].mean()
+        mb = traffic.loc[(r.method, r.config.seed)]["cumulative_MB"]
+        rows.append(
+            pd.DataFrame(
+                {
+                    "method": r.method,
+                    "seed": r.config.seed,
+                    "round": value.index,
+                    "value": value.values,
+                    "MB": mb.reindex(value.index).values,
+                }
+            )
+        )
+    per_run = pd.concat(rows, ignore_index=True)
+    curves = (
+        per_run.groupby(["method", "round"], sort=False)[["value", "MB"]]
+        .mean()
+        .reset_index()
+    )
+    reach = []
+    for method, g in curves.groupby("method", sort=False):
+        g = g.sort_values("round")
+        hit = g[g["value"] >= target]
+        reach.append(
+            {
+                "method": method,
+                f"best mean {metric}": g["value"].max(),
+                f"first round >= {target}": (
+                    int(hit["round"].iloc[0]) if len(hit) else None
+                ),
+                "MB to get there": float(hit["MB"].iloc[0]) if len(hit) else np.nan,
+            }
+        )
+    reach = pd.DataFrame(reach).set_index("method")
+    first = f"first round >= {target}"
+    reach[first] = reach[first].astype("Int64")  # empty (<NA>) when never reached
+    return curves, reach
