@@ -34,7 +34,8 @@ handled by the state functions according to ``AdapterConfig.head``.
 Choices made here (the paper does not state them; each is a parameter):
 
 * **Head policy** ``head="auto"``: the heads are trained and *shared* for every federated
-  method, Med-DualLoRA included, and private for ``local``. The diagnosis (healthy vs
+  method, Med-DualLoRA included, except FedSA-LoRA, whose reference configuration keeps
+  its head private with its B; private for ``local``. The diagnosis (healthy vs
   disease) means the same thing at every site, and with the same head policy for every method
   the comparison isolates the adapter design; Med-DualLoRA's personalisation lives in its
   local adapter. ``head="private"`` gives FedPer-style private heads, ``"frozen"`` keeps
@@ -213,11 +214,11 @@ METHODS: dict[str, MethodSpec] = {
         adapters=(GLOBAL_ADAPTER,),
         shared_parts=_parts("global.A"),
         fixed_parts=_parts(),
-        default_head="shared",
+        default_head="private",  # as in FedSA-LoRA's reference configuration
         federated=True,
         trains="LoRA A, B (+ head)",
-        shares="A (+ head)",
-        aggregation="sample-weighted mean of A; B stays on the client",
+        shares="A (head private)",
+        aggregation="sample-weighted mean of A; B and the head stay on the client",
         description="A learns shared knowledge, B stays private: structural personalisation.",
         reference="Guo et al., FedSA-LoRA (ICLR 2025)",
     ),

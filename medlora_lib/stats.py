@@ -11,9 +11,24 @@ method × one seed), as :func:`collect` builds it. Rows whose ``client`` is ``"m
 other row is one vendor.
 
 * :func:`seed_summary` — mean, standard deviation and Student-t interval over seeds.
-* :func:`paired_comparison` — the reference method against each baseline on the same
-  (seed, vendor) units: paired-bootstrap interval of the mean difference, Wilcoxon
-  signed-rank test, correction for multiple comparisons, wins / ties / losses.
+* :func:`vendor_differences` — per vendor, the paired differences reference − baseline
+  over the replicates (seeds), with a Student-t interval over replicates.
+* :func:`vendor_level_comparison` — inference at the right unit: the vendors are the
+  independent units, the replicates are nested in them. Mean over vendors of the
+  per-vendor mean differences, a **hierarchical bootstrap** interval (resample vendors,
+  then replicates within each), and a t-test on the per-vendor mean differences
+  (``n_vendors − 1`` degrees of freedom — the summary-statistics test of a
+  random-vendor-effect model).
+* :func:`declare_families` / :func:`compare_families` — the comparisons of a chapter
+  declared once, in families (primary: balanced accuracy against each baseline;
+  secondary: specificity, the global adapter alone, each sweep level), with the
+  correction for multiple comparisons applied within each family;
+  :func:`verdict_sentence` and :func:`reading` turn a family's rows into the sentences
+  the chapters glue.
+* :func:`paired_comparison` — the older per-unit analysis: every (seed, vendor) pair as a
+  unit (paired bootstrap, Wilcoxon). The pairs of one vendor share its test subjects, so
+  they are not independent; kept for per-unit descriptions (wins / ties / losses), not
+  for the verdicts.
 * :func:`paper_table` — one row per method, ``mean ± half-width`` per metric, megabytes
   per round, and the published numbers of the Med-DualLoRA paper (:data:`PAPER_RESULTS`)
   as a last, clearly labelled row: they come from real data, not from ours.
@@ -27,6 +42,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -47,6 +63,15 @@ __all__ = [
     "collect",
     "seed_summary",
     "paired_comparison",
+    "vendor_differences",
+    "hierarchical_bootstrap",
+    "vendor_level_comparison",
+    "Comparison",
+    "declare_families",
+    "compare_families",
+    "verdict_sentence",
+    "describe_difference",
+    "reading",
     "paper_table",
 ]
 
@@ -82,6 +107,50 @@ _CI_METHODS = ("percentile", "BCa")
 _TIE_TOL = 1e-12  # differences below this are float round-off: counted as ties
 
 
+_PAIRED_COLUMNS = [
+    "reference",
+    "baseline",
+    "metric",
+    "n_pairs",
+    "n_dropped",
+    "n_unmatched",
+    "reference_mean",
+    "baseline_mean",
+    "mean_diff",
+    "ci_low",
+    "ci_high",
+    "p_value",
+    "p_adjusted",
+    "correction",
+    "wins",
+    "ties",
+    "losses",
+    "verdict",
+    "note",
+]
+_VENDOR_COLUMNS = [
+    "family",
+    "reference",
+    "baseline",
+    "metric",
+    "n_vendors",
+    "n_replicates",
+    "n_dropped",
+    "reference_mean",
+    "baseline_mean",
+    "mean_diff",
+    "ci_low",
+    "ci_high",
+    "p_value",
+    "p_adjusted",
+    "correction",
+    "vendors_better",
+    "vendors_worse",
+    "verdict",
+    "note",
+]
+
+
 # ------------------------------------------------------------------------------ helpers
 def _ordered_methods(methods: Iterable[Any]) -> list[str]:
     present = {str(m) for m in methods}
@@ -113,6 +182,22 @@ def _check_confidence(confidence: float, name: str = "confidence") -> None:
     if not 0 < float(confidence) < 1:
         raise ConfigError(
             f"{name}={confidence!r}: expected a level in (0, 1), e.g. 0.95"
+        )
+
+
+def _check_test_args(
+    caller: str, correction: str, confidence: float, alpha: float, n_boot: int
+) -> None:
+    if correction not in _CORRECTIONS:
+        raise ConfigError(
+            f"{caller}: correction={correction!r} is unknown; expected one of "
+            f"{', '.join(map(repr, _CORRECTIONS))}"
+        )
+    _check_confidence(confidence)
+    _check_confidence(alpha, "alpha")
+    if int(n_boot) < 1:
+        raise ConfigError(
+            f"{caller}: n_boot={n_boot!r}; expected at least 1 (e.g. 10000)"
         )
 
 
@@ -442,22 +527,64 @@ def paired_comparison(
             ``dropna``), or no unit left to compare.
     """
     caller = "paired_comparison"
-    if correction not in _CORRECTIONS:
-        raise ConfigError(
-            f"{caller}: correction={correction!r} is unknown; expected one of "
-            f"{', '.join(map(repr, _CORRECTIONS))}"
-        )
+    _check_test_args(caller, correction, confidence, alpha, n_boot)
     if ci_method not in _CI_METHODS:
         raise ConfigError(
             f"{caller}: ci_method={ci_method!r} is unknown; expected one of "
             f"{', '.join(map(repr, _CI_METHODS))}"
         )
-    _check_confidence(confidence)
-    _check_confidence(alpha, "alpha")
-    if int(n_boot) < 1:
-        raise ConfigError(
-            f"{caller}: n_boot={n_boot!r}; expected at least 1 (e.g. 10000)"
+    baselines, paired = _paired_units(
+        frame, reference, baselines, metric, dropna, caller
+    )
+    out = []
+    for base_name in baselines:
+        units, n_dropped, n_unmatched = paired[base_name]
+        units = units.sort_values(["seed", "client"], kind="stable")
+        r, b = units["ref"].to_numpy(), units["base"].to_numpy()
+        d = units["d"].to_numpy()
+        low, high, note = _bootstrap_ci(d, int(n_boot), seed, confidence, ci_method)
+        if np.all(d == 0):
+            p = 1.0
+        else:
+            p = float(sps.wilcoxon(d, alternative="two-sided").pvalue)
+        out.append(
+            {
+                "reference": reference,
+                "baseline": base_name,
+                "metric": metric,
+                "n_pairs": int(d.size),
+                "n_dropped": n_dropped,
+                "n_unmatched": n_unmatched,
+                "reference_mean": float(r.mean()),
+                "baseline_mean": float(b.mean()),
+                "mean_diff": float(d.mean()),
+                "ci_low": low,
+                "ci_high": high,
+                "p_value": p,
+                "wins": int((d > 0).sum()),
+                "ties": int((d == 0).sum()),
+                "losses": int((d < 0).sum()),
+                "note": note,
+            }
         )
+    return _with_verdicts(pd.DataFrame(out), correction, alpha, _PAIRED_COLUMNS)
+
+
+# ------------------------------------------------------------------- at the vendor level
+def _paired_units(
+    frame: pd.DataFrame,
+    reference: str,
+    baselines: Sequence[str] | None,
+    metric: str,
+    dropna: bool,
+    caller: str,
+) -> tuple[list[str], dict[str, tuple[pd.DataFrame, int]]]:
+    """Per baseline: the (seed, client) units both methods have, with ``d``.
+
+    Returns ``(baselines, {baseline: (units, n_dropped, n_unmatched)})``; ``units`` has
+    the columns
+    ``seed, client, ref, base, d`` (sorted by client, then seed).
+    """
     _check_columns(frame, ["method", "seed", "client", metric], caller)
     rows = _rows_at_level(frame, "client", caller)
     rows = rows.assign(method=rows["method"].astype(str))
@@ -489,13 +616,14 @@ def paired_comparison(
         return pd.Series(
             g[metric].to_numpy(dtype=float),
             index=pd.MultiIndex.from_arrays(
-                [g["seed"].to_numpy(), g["client"].astype(str).to_numpy()],
-                names=["seed", "client"],
+                [g["client"].astype(str).to_numpy(), g["seed"].to_numpy()],
+                names=["client", "seed"],
             ),
         )
 
+    order = {c: i for i, c in enumerate(dict.fromkeys(rows["client"].astype(str)))}
     ref = by_unit(reference)
-    out = []
+    out = {}
     for base_name in baselines:
         base = by_unit(base_name)
         only_ref = ref.index.difference(base.index)
@@ -504,53 +632,244 @@ def paired_comparison(
         if n_unmatched and not dropna:
             parts = []
             if len(only_ref):
-                parts.append(f"missing for {base_name!r}: {_fmt_units(only_ref)}")
+                parts.append(
+                    f"missing for {base_name!r}: "
+                    + _fmt_units((s, c) for c, s in only_ref)
+                )
             if len(only_base):
-                parts.append(f"missing for {reference!r}: {_fmt_units(only_base)}")
+                parts.append(
+                    f"missing for {reference!r}: "
+                    + _fmt_units((s, c) for c, s in only_base)
+                )
             raise ConfigError(
                 f"{caller}: {reference!r} and {base_name!r} do not cover the same "
                 f"(seed, client) units — {'; '.join(parts)}. Run the missing seeds, or "
                 "pass dropna=True to compare on the common units only"
             )
         common = ref.index.intersection(base.index).sort_values()
-        r = ref.reindex(common).to_numpy()
-        b = base.reindex(common).to_numpy()
-        keep = ~(np.isnan(r) | np.isnan(b))
-        r, b = r[keep], b[keep]
+        units = pd.DataFrame(
+            {
+                "client": common.get_level_values("client"),
+                "seed": common.get_level_values("seed"),
+                "ref": ref.reindex(common).to_numpy(),
+                "base": base.reindex(common).to_numpy(),
+            }
+        )
+        keep = ~(units["ref"].isna() | units["base"].isna())
         n_dropped = n_unmatched + int((~keep).sum())
-        if r.size == 0:
+        units = units[keep]
+        # vendors in the frame's order (first appearance), replicates by seed
+        units = units.sort_values(
+            ["client", "seed"], key=lambda c: c.map(order) if c.name == "client" else c
+        ).reset_index(drop=True)
+        if units.empty:
             raise ConfigError(
                 f"{caller}: no (seed, client) unit where both {reference!r} and "
                 f"{base_name!r} have a {metric!r} value ({n_dropped} dropped)"
             )
-        d = r - b
+        d = (units["ref"] - units["base"]).to_numpy(dtype=float, copy=True)
         d[np.abs(d) < _TIE_TOL] = 0.0
-        low, high, note = _bootstrap_ci(d, int(n_boot), seed, confidence, ci_method)
-        if np.all(d == 0):
-            p = 1.0
+        units["d"] = d
+        out[base_name] = (units, n_dropped, n_unmatched)
+    return list(baselines), out
+
+
+def vendor_differences(
+    frame: pd.DataFrame,
+    reference: str = "med_dual_lora",
+    baselines: Sequence[str] | None = None,
+    metric: str = "balanced_accuracy",
+    confidence: float = 0.95,
+    *,
+    dropna: bool = False,
+) -> pd.DataFrame:
+    """Per vendor: the paired differences ``reference − baseline`` over the replicates.
+
+    Chapters ``notebooks/03_fedavg_lora``, ``04_med_dual_lora`` and
+    ``07_beyond_the_paper``. A replicate is one seed (its own training run, and with
+    ``data.split="per_seed"`` its own train / validation / test split of each vendor).
+
+    Returns:
+        One row per (baseline, vendor): ``reference, baseline, metric, client,
+        n_replicates, reference_mean, baseline_mean, mean_diff, ci_low, ci_high``
+        (Student-t over the replicates), ``wins, ties, losses``.
+
+    Raises:
+        ConfigError: as :func:`paired_comparison`.
+    """
+    caller = "vendor_differences"
+    _check_confidence(confidence)
+    baselines, paired = _paired_units(
+        frame, reference, baselines, metric, dropna, caller
+    )
+    out = []
+    for base_name in baselines:
+        units = paired[base_name][0]
+        for client, g in units.groupby("client", sort=False):
+            d = g["d"].to_numpy()
+            mean, _, half, n, _ = _t_interval(d, confidence)
+            out.append(
+                {
+                    "reference": reference,
+                    "baseline": base_name,
+                    "metric": metric,
+                    "client": client,
+                    "n_replicates": n,
+                    "reference_mean": float(g["ref"].mean()),
+                    "baseline_mean": float(g["base"].mean()),
+                    "mean_diff": mean,
+                    "ci_low": mean - half,
+                    "ci_high": mean + half,
+                    "wins": int((d > 0).sum()),
+                    "ties": int((d == 0).sum()),
+                    "losses": int((d < 0).sum()),
+                }
+            )
+    return pd.DataFrame(out)
+
+
+def hierarchical_bootstrap(
+    groups: Sequence[np.ndarray],
+    n_boot: int = 10000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> tuple[float, float, np.ndarray]:
+    """Percentile interval of the mean over groups of the per-group means, resampling
+    groups (vendors) with replacement and then, independently in every drawn slot, the
+    values (replicates) of the drawn group with replacement.
+
+    Chapter ``notebooks/04_med_dual_lora``. With few groups the interval is only as
+    wide as the groups allow (4 vendors: at most 4⁴ vendor draws); it is reported with
+    the vendor-level t-test of :func:`vendor_level_comparison`, not instead of it.
+
+    Returns:
+        ``(low, high, means)``: the interval and the ``n_boot`` bootstrap means.
+    """
+    _check_confidence(confidence)
+    groups = [np.asarray(g, dtype=float) for g in groups]
+    if not groups or any(g.size == 0 for g in groups):
+        raise ConfigError("hierarchical_bootstrap: every group needs a value")
+    rng = np.random.default_rng(seed)
+    k = len(groups)
+    pick = rng.integers(0, k, size=(n_boot, k))
+    # per group, an independent replicate-resample mean for every (draw, slot)
+    resampled = np.stack(
+        [
+            g[rng.integers(0, g.size, size=(n_boot, k, g.size))].mean(axis=2)
+            for g in groups
+        ]
+    )  # (group, draw, slot)
+    draws = np.arange(n_boot)[:, None]
+    slots = np.arange(k)[None, :]
+    means = resampled[pick, draws, slots].mean(axis=1)
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return float(low), float(high), means
+
+
+def vendor_level_comparison(
+    frame: pd.DataFrame,
+    reference: str = "med_dual_lora",
+    baselines: Sequence[str] | None = None,
+    metric: str = "balanced_accuracy",
+    n_boot: int = 10000,
+    seed: int = 0,
+    confidence: float = 0.95,
+    correction: Literal["bh", "bonferroni", "none"] = "bh",
+    *,
+    dropna: bool = False,
+    alpha: float = 0.05,
+    family: str = "",
+) -> pd.DataFrame:
+    """Compare ``reference`` with each baseline with the **vendor** as the unit.
+
+    Chapters ``notebooks/03_fedavg_lora``, ``04_med_dual_lora`` and
+    ``07_beyond_the_paper``. The replicates (seeds) of one vendor share its subjects
+    and its scanner: they are nested in the vendor, not independent units. Per
+    baseline, with ``d = reference − baseline`` per (vendor, replicate):
+
+    * ``mean_diff`` — the mean over vendors of each vendor's mean ``d`` (every vendor
+      weighs the same, as in the book's "mean over vendors");
+    * ``ci_low`` / ``ci_high`` — :func:`hierarchical_bootstrap` (vendors, then
+      replicates) at ``confidence``, the same generator stream for every baseline;
+    * ``p_value`` — two-sided one-sample t-test (``scipy.stats.ttest_1samp``) of the
+      per-vendor mean differences against 0, ``n_vendors − 1`` degrees of freedom: for a
+      balanced design this is the test of the fixed effect in a random-vendor-intercept
+      model. All differences zero → ``p = 1``; one vendor → no test (NaN);
+    * ``p_adjusted`` across the rows (``correction``; :func:`compare_families` adjusts
+      within a declared family instead), ``verdict`` as in :func:`paired_comparison`;
+    * ``vendors_better`` / ``vendors_worse`` — vendors whose mean ``d`` is > 0 / < 0.
+
+    With four vendors the test has three degrees of freedom: only large, consistent
+    differences reach significance. That is the honest power of four hospitals.
+
+    Returns:
+        One row per baseline: ``family, reference, baseline, metric, n_vendors,
+        n_replicates`` (per vendor; the smallest if they differ), ``n_dropped``,
+        ``reference_mean, baseline_mean, mean_diff, ci_low, ci_high, p_value,
+        p_adjusted, correction, vendors_better, vendors_worse, verdict, note``.
+
+    Raises:
+        ConfigError: as :func:`paired_comparison`.
+    """
+    caller = "vendor_level_comparison"
+    _check_test_args(caller, correction, confidence, alpha, n_boot)
+    baselines, paired = _paired_units(
+        frame, reference, baselines, metric, dropna, caller
+    )
+    out = []
+    for base_name in baselines:
+        units, n_dropped, _ = paired[base_name]
+        per = units.groupby("client", sort=False)
+        groups = [g["d"].to_numpy() for _, g in per]
+        vendor_d = np.array([g.mean() for g in groups])
+        sizes = sorted({g.size for g in groups})
+        note = "" if len(sizes) == 1 else f"replicates per vendor differ: {sizes}"
+        if np.all(vendor_d == 0) and all(np.all(g == 0) for g in groups):
+            p, low, high = 1.0, 0.0, 0.0
+            note = note or "all differences zero"
         else:
-            p = float(sps.wilcoxon(d, alternative="two-sided").pvalue)
+            low, high, _ = hierarchical_bootstrap(groups, int(n_boot), seed, confidence)
+            if vendor_d.size < 2:
+                p = math.nan
+                note = note or "one vendor: no test"
+            elif np.ptp(vendor_d) == 0:
+                p = 0.0  # identical non-zero vendor means: no spread to test against
+                note = note or "every vendor has the same mean difference"
+            else:
+                p = float(sps.ttest_1samp(vendor_d, 0.0).pvalue)
         out.append(
             {
+                "family": family,
                 "reference": reference,
                 "baseline": base_name,
                 "metric": metric,
-                "n_pairs": int(d.size),
+                "n_vendors": int(vendor_d.size),
+                "n_replicates": int(sizes[0]),
                 "n_dropped": n_dropped,
-                "n_unmatched": n_unmatched,
-                "reference_mean": float(r.mean()),
-                "baseline_mean": float(b.mean()),
-                "mean_diff": float(d.mean()),
+                "reference_mean": float(per["ref"].mean().mean()),
+                "baseline_mean": float(per["base"].mean().mean()),
+                "mean_diff": float(vendor_d.mean()),
                 "ci_low": low,
                 "ci_high": high,
                 "p_value": p,
-                "wins": int((d > 0).sum()),
-                "ties": int((d == 0).sum()),
-                "losses": int((d < 0).sum()),
+                "vendors_better": int((vendor_d > 0).sum()),
+                "vendors_worse": int((vendor_d < 0).sum()),
                 "note": note,
             }
         )
     table = pd.DataFrame(out)
+    return _with_verdicts(table, correction, alpha)
+
+
+def _with_verdicts(
+    table: pd.DataFrame,
+    correction: str,
+    alpha: float,
+    columns: Sequence[str] = (),
+) -> pd.DataFrame:
+    """Adjusted p-values (``correction``) and verdicts at ``alpha``; ``columns`` kept."""
+    table = table.copy()
     table["p_adjusted"] = _adjust(table["p_value"].to_numpy(dtype=float), correction)
     table["correction"] = correction
     table["verdict"] = [
@@ -559,28 +878,161 @@ def paired_comparison(
         else ("reference better" if md > 0 else "baseline better")
         for pa, md in zip(table["p_adjusted"], table["mean_diff"], strict=True)
     ]
-    cols = [
-        "reference",
-        "baseline",
-        "metric",
-        "n_pairs",
-        "n_dropped",
-        "n_unmatched",
-        "reference_mean",
-        "baseline_mean",
-        "mean_diff",
-        "ci_low",
-        "ci_high",
-        "p_value",
-        "p_adjusted",
-        "correction",
-        "wins",
-        "ties",
-        "losses",
-        "verdict",
-        "note",
-    ]
-    return table[cols]
+    return table[list(columns or _VENDOR_COLUMNS)]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One declared comparison: ``reference − baseline`` on ``metric``, in ``family``."""
+
+    family: str
+    reference: str
+    baseline: str
+    metric: str = "balanced_accuracy"
+
+
+def declare_families(
+    reference: str,
+    baselines: Sequence[str],
+    *,
+    secondary_metrics: Sequence[str] = ("specificity",),
+    global_only: str | None = None,
+    sweep: Mapping[str, tuple[str, str]] | None = None,
+) -> list[Comparison]:
+    """The comparisons of a chapter, declared once, in families.
+
+    Chapters ``notebooks/03_fedavg_lora`` to ``07_beyond_the_paper``.
+
+    * ``primary``: balanced accuracy, ``reference`` against each baseline;
+    * ``secondary``: each of ``secondary_metrics`` against each baseline, and — when
+      ``global_only`` names the method label of the global adapter alone (e.g.
+      ``"med_dual_lora_global"``) — the deployed model against it on balanced accuracy;
+    * ``sweep``: one family of its own, ``{level label: (reference, baseline)}`` on
+      balanced accuracy (a chapter 7 sweep, one comparison per level).
+
+    :func:`compare_families` corrects for multiple comparisons within each family.
+    """
+    out = [Comparison("primary", reference, b) for b in baselines]
+    for m in secondary_metrics:
+        out += [Comparison("secondary", reference, b, m) for b in baselines]
+    if global_only:
+        out.append(Comparison("secondary", reference, global_only))
+    for level, (ref, base) in (sweep or {}).items():
+        out.append(Comparison(f"sweep: {level}", ref, base))
+    return out
+
+
+def compare_families(
+    frames: pd.DataFrame | Mapping[str, pd.DataFrame],
+    comparisons: Sequence[Comparison],
+    *,
+    correction: Literal["bh", "bonferroni", "none"] = "bh",
+    alpha: float = 0.05,
+    n_boot: int = 10000,
+    seed: int = 0,
+    confidence: float = 0.95,
+    dropna: bool = False,
+) -> pd.DataFrame:
+    """Run every declared comparison at the vendor level; correct within each family.
+
+    Chapters ``notebooks/03_fedavg_lora`` to ``07_beyond_the_paper``.
+
+    Args:
+        frames: one results frame, or ``{family: frame}`` when families come from
+            different runs (a sweep level's runs); a family without its own frame uses
+            the frame under ``""``. Family names starting with ``"sweep:"`` are
+            corrected together, as one family.
+        comparisons: from :func:`declare_families`.
+
+    Returns:
+        :func:`vendor_level_comparison` rows, one per comparison, in declaration order,
+        with ``p_adjusted`` / ``verdict`` computed within the family.
+    """
+    if not comparisons:
+        raise ConfigError("compare_families: no comparison declared")
+    if isinstance(frames, pd.DataFrame):
+        frames = {"": frames}
+    rows = []
+    for c in comparisons:
+        frame = frames.get(c.family, frames.get(""))
+        if frame is None:
+            raise ConfigError(
+                f"compare_families: no results frame for family {c.family!r}; pass "
+                "{family: frame} with that family or a default under ''"
+            )
+        rows.append(
+            vendor_level_comparison(
+                frame,
+                c.reference,
+                [c.baseline],
+                c.metric,
+                n_boot=n_boot,
+                seed=seed,
+                confidence=confidence,
+                correction="none",
+                dropna=dropna,
+                alpha=alpha,
+                family=c.family,
+            )
+        )
+    table = pd.concat(rows, ignore_index=True)
+    group = table["family"].where(~table["family"].str.startswith("sweep:"), "sweep")
+    parts = []
+    for _, idx in table.groupby(group, sort=False).groups.items():
+        parts.append(_with_verdicts(table.loc[idx], correction, alpha))
+    return pd.concat(parts).sort_index()
+
+
+def describe_difference(row: Mapping[str, Any]) -> str:
+    """One comparison's difference as the tables give it (for the glued sentences)."""
+    return (
+        f"{row['mean_diff']:+.3f}, 95 % interval {row['ci_low']:+.3f} to "
+        f"{row['ci_high']:+.3f}, adjusted p = {row['p_adjusted']:.2f}"
+    )
+
+
+def reading(row: Mapping[str, Any], name: str) -> str:
+    """What the test and the interval of one comparison allow one to say, and no more."""
+    if row["verdict"] == "reference better":
+        return f"better than {name}"
+    if row["verdict"] == "baseline better":
+        return f"worse than {name}"
+    if row["ci_low"] > 0:
+        return (
+            f"probably better than {name} (the interval lies above zero, but the "
+            "corrected test does not call it)"
+        )
+    if row["ci_high"] < 0:
+        return (
+            f"probably worse than {name} (the interval lies below zero, but the "
+            "corrected test does not call it)"
+        )
+    return f"not distinguishable from {name}"
+
+
+def verdict_sentence(table: pd.DataFrame, name: str = "Med-DualLoRA") -> str:
+    """The verdict of one family (e.g. the primary rows of :func:`compare_families`)."""
+    better = table[table["verdict"] == "reference better"]["baseline"].tolist()
+    worse = table[table["verdict"] == "baseline better"]["baseline"].tolist()
+    if better and not worse and len(better) == len(table):
+        return f"{name} is significantly better than every baseline here."
+    if worse:
+        return (
+            f"{name} does **not** win here: it is significantly worse than "
+            + ", ".join(worse)
+            + (" and better than " + ", ".join(better) if better else "")
+            + "."
+        )
+    if better:
+        return (
+            f"{name} is significantly better than "
+            + ", ".join(better)
+            + " and not distinguishable from the others."
+        )
+    return (
+        f"{name} is not significantly different from any baseline here (vendor-level "
+        "tests, corrected within the family)."
+    )
 
 
 # ------------------------------------------------------------------------------ table

@@ -411,7 +411,7 @@ EXPECTED_SHARED = {
     "fedavg_lora": ({"global.A", "global.B"}, True),
     "fedprox_lora": ({"global.A", "global.B"}, True),
     "ffa_lora": ({"global.B"}, True),
-    "fedsa_lora": ({"global.A"}, True),
+    "fedsa_lora": ({"global.A"}, False),  # its head stays home with B
     "med_dual_lora": ({"global.A", "global.B"}, True),
 }
 

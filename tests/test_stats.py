@@ -382,3 +382,130 @@ def test_paper_results_constant():
     assert math.isnan(row["auc"]) and math.isnan(row["sensitivity"])
     assert "ACDC + M&Ms" in row["source"] and "arXiv 2603.10967" in row["source"]
     assert list(PAPER_RESULTS["method"]) == ["med_dual_lora"]
+
+
+# ----------------------------------------------------------------- at the vendor level
+def _two_methods(diff: np.ndarray, seed: int = 0) -> pd.DataFrame:
+    """reference = baseline + ``diff`` (seeds × clients); baseline is noise."""
+    rng = np.random.default_rng(seed)
+    base = 0.6 + 0.02 * rng.standard_normal(diff.shape)
+    return results_frame({"med_dual_lora": base + diff, "fedavg_lora": base})
+
+
+def test_one_vendors_gain_is_not_the_federations():
+    from medlora_lib.stats import vendor_level_comparison
+
+    # one vendor gains 0.15 in every seed; the three others nothing (tiny noise)
+    rng = np.random.default_rng(1)
+    diff = 0.003 * rng.standard_normal((5, 4))
+    diff[:, 0] += 0.15
+    diff[:, 1:] += 0.004  # a hair above zero, so 20 of 20 pairs are "wins"
+    frame = _two_methods(diff)
+    per_unit = paired_comparison(frame, baselines=["fedavg_lora"])
+    assert per_unit["p_value"].iloc[0] < 0.01  # 20 "independent" pairs: significant
+    row = vendor_level_comparison(frame, baselines=["fedavg_lora"]).iloc[0]
+    vendor_d = pd.DataFrame(diff).mean(axis=0).to_numpy()
+    assert row["n_vendors"] == 4 and row["n_replicates"] == 5
+    assert row["mean_diff"] == pytest.approx(vendor_d.mean())
+    assert row["p_value"] == pytest.approx(sps.ttest_1samp(vendor_d, 0).pvalue)
+    assert row["p_value"] > 0.05 and row["verdict"] == "no significant difference"
+    assert row["ci_low"] <= row["mean_diff"] <= row["ci_high"]
+
+
+def test_a_consistent_gain_at_every_vendor_is_significant():
+    from medlora_lib.stats import vendor_level_comparison
+
+    rng = np.random.default_rng(2)
+    diff = 0.1 + 0.01 * rng.standard_normal((5, 4))
+    row = vendor_level_comparison(_two_methods(diff)).iloc[0]
+    assert row["verdict"] == "reference better" and row["vendors_better"] == 4
+    assert 0.08 < row["ci_low"] < row["ci_high"] < 0.12
+
+
+def test_hierarchical_bootstrap_resamples_vendors_then_replicates():
+    from medlora_lib.stats import hierarchical_bootstrap
+
+    groups = [np.array([1.0, 1.0, 1.0]), np.array([0.0, 0.0, 0.0])]
+    low, high, means = hierarchical_bootstrap(groups, n_boot=4000, seed=0)
+    # vendor draws only (replicates are constant): means are 0, 0.5 or 1
+    assert set(np.unique(means)) == {0.0, 0.5, 1.0}
+    assert np.mean(means == 0.5) == pytest.approx(0.5, abs=0.03)
+    assert (low, high) == (0.0, 1.0)
+    # one vendor: only the replicates vary; the interval is that vendor's bootstrap
+    lo1, hi1, m1 = hierarchical_bootstrap([np.array([0.0, 1.0])], n_boot=4000, seed=0)
+    assert set(np.unique(m1)) == {0.0, 0.5, 1.0} and (lo1, hi1) == (0.0, 1.0)
+    again = hierarchical_bootstrap(groups, n_boot=4000, seed=0)[2]
+    np.testing.assert_array_equal(means, again)
+
+
+def test_vendor_differences_are_per_vendor_over_replicates():
+    from medlora_lib.stats import vendor_differences
+
+    diff = np.tile([0.1, 0.0, -0.05, 0.02], (5, 1)) + np.linspace(-0.01, 0.01, 5)[
+        :, None
+    ]
+    t = vendor_differences(_two_methods(diff)).set_index("client")
+    assert list(t.index) == list(CLIENTS)
+    np.testing.assert_allclose(t["mean_diff"], [0.1, 0.0, -0.05, 0.02], atol=1e-12)
+    half = sps.t.ppf(0.975, 4) * np.std(diff[:, 0], ddof=1) / np.sqrt(5)
+    assert t.loc["siemens", "ci_high"] - 0.1 == pytest.approx(half)
+    assert t.loc["siemens", "wins"] == 5 and t.loc["ge", "losses"] == 5
+
+
+def test_families_are_declared_once_and_corrected_within():
+    from medlora_lib.stats import (
+        compare_families,
+        declare_families,
+        vendor_level_comparison,
+    )
+
+    rng = np.random.default_rng(3)
+    base = 0.6 + 0.02 * rng.standard_normal((5, 4))
+    frame = results_frame(
+        {
+            "med_dual_lora": base + 0.05,
+            "fedavg_lora": base + 0.01 * rng.standard_normal((5, 4)),
+            "local": base - 0.02 + 0.03 * rng.standard_normal((5, 4)),
+            "med_dual_lora_global": base + 0.03 * rng.standard_normal((5, 4)),
+        }
+    )
+    fams = declare_families(
+        "med_dual_lora", ["local", "fedavg_lora"], global_only="med_dual_lora_global"
+    )
+    assert [(c.family, c.baseline, c.metric) for c in fams] == [
+        ("primary", "local", "balanced_accuracy"),
+        ("primary", "fedavg_lora", "balanced_accuracy"),
+        ("secondary", "local", "specificity"),
+        ("secondary", "fedavg_lora", "specificity"),
+        ("secondary", "med_dual_lora_global", "balanced_accuracy"),
+    ]
+    t = compare_families(frame, fams)
+    prim = t[t["family"] == "primary"]
+    direct = vendor_level_comparison(frame, baselines=["local", "fedavg_lora"])
+    np.testing.assert_allclose(prim["p_adjusted"], direct["p_adjusted"])
+    sec = t[t["family"] == "secondary"]
+    np.testing.assert_allclose(
+        sec["p_adjusted"], adjust_p(sec["p_value"].to_numpy(), "bh")
+    )
+    with pytest.raises(ConfigError, match="no comparison declared"):
+        compare_families(frame, [])
+
+
+def test_verdict_sentences_follow_the_rows():
+    from medlora_lib.stats import reading, verdict_sentence
+
+    def table(*verdicts):
+        return pd.DataFrame(
+            {"baseline": [f"b{i}" for i in range(len(verdicts))], "verdict": verdicts}
+        )
+
+    assert "better than every baseline" in verdict_sentence(
+        table("reference better", "reference better")
+    )
+    s = verdict_sentence(table("baseline better", "reference better"))
+    assert "does **not** win" in s and "worse than b0" in s and "better than b1" in s
+    assert "not significantly different" in verdict_sentence(
+        table("no significant difference")
+    )
+    row = {"verdict": "no significant difference", "ci_low": 0.01, "ci_high": 0.1}
+    assert reading(row, "X").startswith("probably better than X")
