@@ -29,6 +29,8 @@ __all__ = [
     "DEFAULT_SEEDS",
     "comparison_configs",
     "run_comparison",
+    "capacity_control_configs",
+    "run_capacity_controls",
 ]
 
 #: Every method of the book, in the order tables and figures show them: the registry's.
@@ -85,3 +87,77 @@ def run_comparison(
 
     configs = comparison_configs(profile, methods, seeds, overrides)
     return list(simulate(configs, use_cache=True, verbose=verbose))
+
+
+def capacity_control_configs(
+    profile: str = "cpu",
+    seeds: Iterable[int] = DEFAULT_SEEDS,
+    overrides: Mapping[str, Any] | Sequence[str] | None = None,
+) -> dict[str, list[ExperimentConfig]]:
+    """The capacity-matched controls of the main comparison (chapter ``04_med_dual_lora``).
+
+    Med-DualLoRA trains two rank-r adapters where every baseline trains one. With r the
+    comparison's ``adapter.lora_rank``:
+
+    * ``fedavg_lora_2r`` — FedAvg-LoRA at rank 2r: Med-DualLoRA's trainable count;
+    * ``med_dual_lora_half`` — Med-DualLoRA at r/2 (global) + r/2 (local): the
+      baselines' trainable count.
+
+    ``adapter.lora_alpha`` stays the comparison's, as when a user changes the rank.
+
+    Returns:
+        ``{label: configs over seeds}``.
+
+    Raises:
+        ConfigError: r is odd (no r/2).
+    """
+    seeds = [int(s) for s in seeds]
+    base = comparison_configs(profile, ["fedavg_lora"], seeds[:1], overrides)[0]
+    r = base.adapter.lora_rank
+    if r % 2:
+        raise ConfigError(
+            f"capacity controls need an even adapter.lora_rank (r/2 + r/2); got {r}. "
+            "Set adapter.lora_rank to an even value"
+        )
+    extra = {
+        "fedavg_lora_2r": ("fedavg_lora", {"adapter.lora_rank": 2 * r}),
+        "med_dual_lora_half": (
+            "med_dual_lora",
+            {"adapter.lora_rank": r // 2, "adapter.local_lora_rank": r // 2},
+        ),
+    }
+    out = {}
+    for label, (method, ov) in extra.items():
+        merged: Any = (
+            [*overrides, *(f"{k}={v}" for k, v in ov.items())]
+            if isinstance(overrides, Sequence) and not isinstance(overrides, str)
+            else {**dict(overrides or {}), **ov}
+        )
+        out[label] = comparison_configs(profile, [method], seeds, merged)
+    return out
+
+
+def run_capacity_controls(
+    profile: str = "cpu",
+    seeds: Iterable[int] = DEFAULT_SEEDS,
+    overrides: Mapping[str, Any] | Sequence[str] | None = None,
+    verbose: bool = False,
+) -> Any:
+    """Run (or read back) :func:`capacity_control_configs`; a results frame whose
+    ``method`` column holds the controls' labels (chapter ``04_med_dual_lora``)."""
+    import pandas as pd
+
+    from medlora_lib.fl import simulate
+    from medlora_lib.stats import collect
+
+    controls = capacity_control_configs(profile, seeds, overrides)
+    configs = [c for cfgs in controls.values() for c in cfgs]
+    labels = [label for label, cfgs in controls.items() for _ in cfgs]
+    results = simulate(configs, use_cache=True, verbose=verbose)
+    return pd.concat(
+        [
+            collect([r]).assign(method=label)
+            for label, r in zip(labels, results, strict=True)
+        ],
+        ignore_index=True,
+    )

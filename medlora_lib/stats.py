@@ -897,6 +897,7 @@ def declare_families(
     *,
     secondary_metrics: Sequence[str] = ("specificity",),
     global_only: str | None = None,
+    controls: Sequence[tuple[str, str]] = (),
     sweep: Mapping[str, tuple[str, str]] | None = None,
 ) -> list[Comparison]:
     """The comparisons of a chapter, declared once, in families.
@@ -907,6 +908,8 @@ def declare_families(
     * ``secondary``: each of ``secondary_metrics`` against each baseline, and — when
       ``global_only`` names the method label of the global adapter alone (e.g.
       ``"med_dual_lora_global"``) — the deployed model against it on balanced accuracy;
+    * ``capacity``: the capacity-matched controls, ``(reference, baseline)`` pairs on
+      balanced accuracy (e.g. Med-DualLoRA against FedAvg-LoRA at rank 2r);
     * ``sweep``: one family of its own, ``{level label: (reference, baseline)}`` on
       balanced accuracy (a chapter 7 sweep, one comparison per level).
 
@@ -917,6 +920,7 @@ def declare_families(
         out += [Comparison("secondary", reference, b, m) for b in baselines]
     if global_only:
         out.append(Comparison("secondary", reference, global_only))
+    out += [Comparison("capacity", ref, base) for ref, base in controls]
     for level, (ref, base) in (sweep or {}).items():
         out.append(Comparison(f"sweep: {level}", ref, base))
     return out

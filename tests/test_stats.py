@@ -441,9 +441,9 @@ def test_hierarchical_bootstrap_resamples_vendors_then_replicates():
 def test_vendor_differences_are_per_vendor_over_replicates():
     from medlora_lib.stats import vendor_differences
 
-    diff = np.tile([0.1, 0.0, -0.05, 0.02], (5, 1)) + np.linspace(-0.01, 0.01, 5)[
-        :, None
-    ]
+    diff = (
+        np.tile([0.1, 0.0, -0.05, 0.02], (5, 1)) + np.linspace(-0.01, 0.01, 5)[:, None]
+    )
     t = vendor_differences(_two_methods(diff)).set_index("client")
     assert list(t.index) == list(CLIENTS)
     np.testing.assert_allclose(t["mean_diff"], [0.1, 0.0, -0.05, 0.02], atol=1e-12)
@@ -509,3 +509,35 @@ def test_verdict_sentences_follow_the_rows():
     )
     row = {"verdict": "no significant difference", "ci_low": 0.01, "ci_high": 0.1}
     assert reading(row, "X").startswith("probably better than X")
+
+
+def test_capacity_controls_match_the_trainable_counts():
+    from medlora_lib.comm import closed_form_bytes
+    from medlora_lib.experiments import capacity_control_configs, comparison_configs
+    from medlora_lib.stats import declare_families
+
+    ctl = capacity_control_configs(
+        "smoke", seeds=[0, 1], overrides={"fed.num_rounds": 2}
+    )
+    assert [c.seed for c in ctl["fedavg_lora_2r"]] == [0, 1]
+    fed, dual = comparison_configs(
+        "smoke", ["fedavg_lora", "med_dual_lora"], [0], {"fed.num_rounds": 2}
+    )
+    r = fed.adapter.lora_rank
+    wide, half = ctl["fedavg_lora_2r"][0], ctl["med_dual_lora_half"][0]
+    assert wide.adapter.lora_rank == 2 * r and wide.fed.num_rounds == 2
+    assert (half.adapter.lora_rank, half.adapter.local_lora_rank) == (r // 2, r // 2)
+    count = {
+        k: closed_form_bytes(c)["trainable_params"]
+        for k, c in (("fed", fed), ("dual", dual), ("wide", wide), ("half", half))
+    }
+    assert count["wide"] == count["dual"] and count["half"] == count["fed"]
+    fams = declare_families(
+        "med_dual_lora",
+        [],
+        secondary_metrics=(),
+        controls=[("med_dual_lora", "fedavg_lora_2r")],
+    )
+    assert [(c.family, c.baseline) for c in fams] == [("capacity", "fedavg_lora_2r")]
+    with pytest.raises(ConfigError, match="even adapter.lora_rank"):
+        capacity_control_configs("smoke", [0], {"adapter.lora_rank": 3})
