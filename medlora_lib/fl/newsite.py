@@ -59,13 +59,12 @@ def join_new_site(
         ConfigError: the federation is not Med-DualLoRA, has no final state, or did not
             leave ``newcomer`` out.
     """
+    from medlora_lib.adapters import METHODS
     from medlora_lib.fl.federation import InProcessSites, run_rounds
     from medlora_lib.fl.result import build_result
     from medlora_lib.fl.simulate import plan
     from medlora_lib.fl.sites import load_site
     from medlora_lib.fl.task import ClientRuntime
-
-    from medlora_lib.adapters import METHODS
 
     cfg: ExperimentConfig = federation.config
     if not METHODS[cfg.method].has_local_adapter:

@@ -36,6 +36,7 @@ PRESENTATION_MODULES = (
     "cli.py",
     "stats.py",
     "experiments.py",
+    "notebook.py",
     "fl/deploy.py",
     "fl/runner.py",
     "fl/security.py",

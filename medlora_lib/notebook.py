@@ -1,0 +1,100 @@
+"""The common opening of every chapter, on the model of MONAI's ``print_config()``.
+
+Chapters ``notebooks/00_foundation_model_and_lora`` to ``07_beyond_the_paper``:
+:func:`setup` silences the two known harmless warnings, sets the book's plot and table
+style and prints the versions, the machine and the cache the chapter runs with;
+:func:`describe_profile` prints the profile and the key values of the configuration that
+produce the chapter's numbers, next to the chapter's own parameters.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import warnings
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+__all__ = ["KNOWN_NOISE", "setup", "describe_profile"]
+
+#: Warnings that say nothing about the results (no ipywidgets; a split with one class).
+KNOWN_NOISE = ("IProgress not found", "y_pred contains classes not in y_true")
+DEFAULT_PACKAGES = ("medlora", "torch", "flwr", "peft", "monai", "numpy", "scipy")
+
+
+def _version(pkg: str) -> str:
+    try:
+        return version(pkg)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def setup(packages: Sequence[str] = DEFAULT_PACKAGES, *, quiet: bool = False) -> dict:
+    """Style, warnings filters and a printout of what the chapter runs on.
+
+    Returns:
+        ``{"versions": {package: version}, "python", "platform", "torch_threads",
+        "device", "cache"}`` (what was printed).
+    """
+    import pandas as pd
+    import torch
+
+    from medlora_lib import plotting
+    from medlora_lib.config import default_cache_dir
+
+    for message in KNOWN_NOISE:
+        warnings.filterwarnings("ignore", message=message)
+    plotting.set_style()
+    pd.set_option("display.width", 160)
+    info = {
+        "versions": {p: _version(p) for p in packages},
+        "python": sys.version.split()[0],
+        "platform": platform.platform(terse=True),
+        "torch_threads": torch.get_num_threads(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "cache": str(default_cache_dir()),
+        "data": os.environ.get("MEDLORA_DATA_DIR", "") or "synthetic (default)",
+    }
+    if not quiet:
+        for pkg, v in info["versions"].items():
+            print(f"{pkg:>14} {v}")
+        print(f"{'python':>14} {info['python']} on {info['platform']}")
+        print(f"{'device':>14} {info['device']}, {info['torch_threads']} torch threads")
+        print(f"{'cache':>14} {info['cache']}")
+        print(f"{'data':>14} {info['data']}")
+    return info
+
+
+def describe_profile(config: Any, **parameters: Any) -> dict:
+    """Print the profile, the key values of its configuration and the chapter's
+    parameters (what a reader needs to reproduce the chapter's numbers).
+
+    Args:
+        config: a profile name or the chapter's :class:`~medlora_lib.config.ExperimentConfig`.
+        parameters: the chapter's own parameters (seeds, budget, sweep levels, ...).
+
+    Returns:
+        The printed key values.
+    """
+    from medlora_lib.config import get_config
+
+    cfg = get_config(config) if isinstance(config, str) else config
+    a = cfg.adapter
+    key = {
+        "profile": cfg.profile,
+        "image size": "x".join(map(str, cfg.data.image_size)),
+        "model": f"{cfg.model.size} ({cfg.model.pretrained})",
+        "adapted blocks": a.adapted_blocks,
+        "LoRA": f"rank {a.lora_rank}, alpha {a.lora_alpha:g} on {', '.join(a.target_modules)}",
+        "budget": f"{cfg.fed.num_rounds} rounds x {cfg.train.local_epochs} local epoch(s)",
+        "optimiser": f"lr {cfg.train.lr:g}, batch {cfg.train.batch_size}",
+        "selection": f"validation {cfg.train.selection_metric}",
+        "sites": f"partition by {cfg.fed.partition_by}",
+        **{f"param {k}": v for k, v in parameters.items()},
+    }
+    width = max(len(k) for k in key)
+    for k, v in key.items():
+        print(f"{k:>{width}}  {v}")
+    return key
