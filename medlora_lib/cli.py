@@ -65,6 +65,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile(p, default="paper")
     p.add_argument("--image-size", type=int, nargs=3, default=None)
     p.add_argument("--spacing", type=float, nargs=3, default=None)
+    p.add_argument(
+        "--crop",
+        default=None,
+        choices=["shift_inside", "lv_centred"],
+        help="in-plane crop (config field data.crop; default: the profile's, "
+        "shift_inside = CineMA's for paper)",
+    )
+    p.add_argument(
+        "--intensity",
+        default=None,
+        choices=["per_frame", "joint"],
+        help="clip + rescale per frame or jointly (config field data.intensity; "
+        "default: the profile's, per_frame = CineMA's for paper)",
+    )
     p.add_argument("--seed", type=int, default=0, help="split seed")
     p.add_argument("--val-fraction", type=float, default=0.15)
     p.add_argument("--test-fraction", type=float, default=0.25)
@@ -242,6 +256,8 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
     kwargs = dict(
         target_spacing=tuple(args.spacing or cfg.data.spacing),
         image_size=tuple(args.image_size or cfg.data.image_size),
+        crop=args.crop or cfg.data.crop,
+        intensity=args.intensity or cfg.data.intensity,
         val_fraction=args.val_fraction,
         test_fraction=args.test_fraction,
         seed=args.seed,

@@ -87,6 +87,21 @@ class DataConfig:
         "Training-time augmentation (disables the frozen-prefix cache).",
         default=False,
     )
+    crop: Literal["lv_centred", "shift_inside"] = _help(
+        "In-plane crop around the LV centre at ED: `shift_inside` = CineMA's (the "
+        "window is shifted back inside the image where it would leave it; the "
+        "`paper` profile), `lv_centred` = the window stays centred on the LV and is "
+        "zero-padded outside the image (`cpu` / `smoke`). Used by `medlora prepare` "
+        "and the synthetic data; a prepared folder must match it.",
+        default="lv_centred",
+    )
+    intensity: Literal["joint", "per_frame"] = _help(
+        "Clip to the 0.95-99.5th percentiles and rescale to [0, 1]: `per_frame` = "
+        "CineMA's (ED and ES each on their own; the `paper` profile), `joint` = one "
+        "range for both frames, which keeps their relative contrast (`cpu` / "
+        "`smoke`). A prepared folder must match it.",
+        default="joint",
+    )
 
     def __post_init__(self) -> None:
         self.image_size = tuple(int(v) for v in self.image_size)  # type: ignore[assignment]
@@ -111,6 +126,17 @@ class DataConfig:
             self.val_fraction + self.test_fraction < 1,
             "data.val_fraction/test_fraction",
             "their sum must leave some training data (< 1)",
+        )
+        _check(
+            self.crop in ("lv_centred", "shift_inside"),
+            "data.crop",
+            f"unknown value {self.crop!r}; choose `shift_inside` (CineMA) or "
+            "`lv_centred`",
+        )
+        _check(
+            self.intensity in ("joint", "per_frame"),
+            "data.intensity",
+            f"unknown value {self.intensity!r}; choose `per_frame` (CineMA) or `joint`",
         )
 
 
@@ -447,7 +473,12 @@ _PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
         "fed": {"num_rounds": 20},
     },
     "paper": {
-        "data": {"image_size": (192, 192, 16), "spacing": (1.0, 1.0, 10.0)},
+        "data": {
+            "image_size": (192, 192, 16),
+            "spacing": (1.0, 1.0, 10.0),
+            "crop": "shift_inside",
+            "intensity": "per_frame",
+        },
         "model": {"size": "base", "pretrained": "hub", "drop_path": 0.1},
         "train": {"local_epochs": 1, "batch_size": 8},
         "fed": {"num_rounds": 30},

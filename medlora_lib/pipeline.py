@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from medlora_lib.config import ExperimentConfig, default_cache_dir
+from medlora_lib.config import ExperimentConfig, default_cache_dir, profile_defaults
 from medlora_lib.errors import DataError
 
 __all__ = [
@@ -54,6 +54,8 @@ def synthetic_config(cfg: ExperimentConfig):
         spacing=tuple(cfg.data.spacing),
         val_fraction=cfg.data.val_fraction,
         test_fraction=cfg.data.test_fraction,
+        crop=cfg.data.crop,
+        intensity=cfg.data.intensity,
     )
 
 
@@ -111,26 +113,42 @@ def resolve_data_dir(cfg: ExperimentConfig, verbose: bool = True) -> Path:
 
 
 def check_data_matches(cfg: ExperimentConfig, data_dir: Path) -> None:
-    """Refuse prepared data whose image size differs from the model input of ``cfg``.
+    """Refuse prepared data that were not prepared the way ``cfg`` says.
 
-    Reads the size recorded in ``dataset.json`` and, as the ground truth, the shape of
-    the first array of the manifest.
+    Checks the image size (recorded in ``dataset.json`` or, without one, the shape of
+    the first array of the manifest) and the preprocessing options ``data.crop`` and
+    ``data.intensity`` recorded in ``dataset.json`` (a folder written before they were
+    options was prepared with ``lv_centred`` and ``joint``).
 
     Raises:
-        ConfigError: another image size (the message names both and the fix).
+        ConfigError: another image size or preprocessing option (the message names the
+            field, both values and the fix).
         DataError: the first array cannot be read.
     """
+    from medlora_lib.data.dataset import load_case
     from medlora_lib.data.manifest import read_dataset_info, read_manifest
+    from medlora_lib.data.preprocess import normalise_preprocessing
     from medlora_lib.errors import ConfigError
 
     info = read_dataset_info(data_dir) or {}
-    size = (info.get("preprocessing") or {}).get("image_size")
+    pre = normalise_preprocessing(info.get("preprocessing") or {})
+    profile_data = profile_defaults(cfg.profile)["data"]
+    for name in ("crop", "intensity"):
+        want = getattr(cfg.data, name)
+        if name in pre and pre[name] != want:
+            flag = "" if profile_data.get(name) == want else f" --{name} {want}"
+            raise ConfigError(
+                f"{data_dir} was prepared with {name} {pre[name]!r} (dataset.json) but "
+                f"config field `data.{name}` is {want!r} (profile {cfg.profile!r}); "
+                f"prepare the data again: `medlora prepare acdc|mnms RAW_DIR "
+                f"{data_dir} --profile {cfg.profile}{flag} --overwrite` (the second "
+                f"source with --merge instead of --overwrite), or run on the data as "
+                f"they are with data.{name}={pre[name]}"
+            )
+    size = pre.get("image_size")
     if size is None:
         first = data_dir / read_manifest(data_dir, check_files=False)["path"].iloc[0]
-        try:
-            size = np.load(first)["image"].shape[1:]
-        except Exception as exc:  # corrupt or unreadable array
-            raise DataError(f"{first}: cannot read the `image` array ({exc})") from exc
+        size = load_case(first)[0].shape[1:]
     if tuple(size) != tuple(cfg.data.image_size):
         raise ConfigError(
             f"{data_dir} was prepared at image size {tuple(size)} but config field "

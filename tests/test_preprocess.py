@@ -188,3 +188,215 @@ def test_load_nifti_truncated_and_corrupt(tmp_path):
     (tmp_path / "garbage.nii.gz").write_bytes(gzip.compress(b"\x00" * 500))
     with pytest.raises(DataError, match=r"garbage\.nii\.gz"):
         load_nifti(tmp_path / "garbage.nii.gz", 4)
+
+
+# ------------------------------------------------- CineMA's crop and intensities
+# The expected values below come from an independent transcription of CineMA's own
+# code (mathpluscode/CineMA, cinema/data/sitk.py), not from medlora_lib.
+
+
+def _cinema_bbox(mask):
+    """CineMA's get_valid_binary_mask_bounding_box (min inclusive, max exclusive)."""
+    from itertools import combinations
+
+    ndim = mask.ndim
+    bbox_min, bbox_max = [], []
+    for axes in combinations(reversed(range(ndim)), ndim - 1):
+        reduced = np.amax(mask, axis=axes)
+        bbox_min.append(np.argmax(reduced))
+        bbox_max.append(reduced.shape[0] - np.argmax(np.flip(reduced)))
+    return np.stack(bbox_min), np.stack(bbox_max)
+
+
+def _cinema_crop_1d(bbox_min, bbox_max, current_length, target_length):
+    """CineMA's get_center_crop_size_from_1d_bbox, line by line."""
+    if current_length <= target_length:
+        return 0, 0
+    label_center = (bbox_max - 1 + bbox_min) / 2.0
+    bbox_lower = int(np.ceil(label_center - target_length / 2.0))
+    bbox_upper = bbox_lower + target_length
+    bbox_lower = max(bbox_lower, 0)
+    if bbox_upper > current_length:
+        bbox_lower -= bbox_upper - current_length
+    crop_lower = bbox_lower
+    crop_upper = current_length - target_length - crop_lower
+    return crop_lower, crop_upper
+
+
+def _cinema_clip_normalise(frame):
+    """clip_and_normalise_intensity_3d: Clamp, Normalize (z-score), RescaleIntensity."""
+    lo, hi = np.percentile(frame, 0.95), np.percentile(frame, 99.5)
+    x = np.clip(frame.astype(np.float64), lo, hi)
+    x = (x - x.mean()) / x.std()
+    return (x - x.min()) / (x.max() - x.min())
+
+
+def _cinema_input(frames, labels, size):
+    """CineMA's ACDC / M&Ms preprocessing on an already resampled grid + its loader's
+    SpatialPadd(method="end") (the uint8 storage left out)."""
+    bmin, bmax = _cinema_bbox(labels[0] == 1)  # LV at ED
+    lower, upper = [], []
+    target = (*size[:2], frames.shape[3])  # z: CineMA's target is n_slices
+    for i, (n, t) in enumerate(zip(frames.shape[1:], target, strict=True)):
+        lo, up = _cinema_crop_1d(bmin[i], bmax[i], n, t)
+        lower.append(lo)
+        upper.append(up)
+    x = frames[
+        :,
+        lower[0] : frames.shape[1] - upper[0],
+        lower[1] : frames.shape[2] - upper[1],
+        lower[2] : frames.shape[3] - upper[2],
+    ]
+    x = np.stack([_cinema_clip_normalise(f) for f in x])
+    out = np.zeros((2, *size))
+    out[:, : x.shape[1], : x.shape[2], : x.shape[3]] = x
+    return out
+
+
+def _border_case(shape=(70, 64, 5), lv=((2, 12), (50, 62)), seed=0):
+    rng = np.random.default_rng(seed)
+    frames = rng.gamma(2.0, 60.0, size=(2, *shape)).astype(np.float32)
+    frames[1] *= 0.5
+    labels = np.zeros((2, *shape), np.uint8)
+    (x0, x1), (y0, y1) = lv
+    labels[:, x0:x1, y0:y1, 1:4] = 1
+    frames[:, x0:x1, y0:y1, 1:4] += 400.0
+    return frames, labels
+
+
+CINEMA = dict(crop="shift_inside", intensity="per_frame")
+SAME_GRID = dict(target_spacing=(1.0, 1.0, 10.0))
+
+
+@pytest.mark.parametrize(
+    "shape, lv",
+    [
+        ((70, 64, 5), ((2, 12), (50, 62))),  # LV at the low x / high y border
+        ((70, 64, 5), ((58, 69), (0, 9))),  # high x / low y
+        ((70, 64, 5), ((30, 41), (25, 36))),  # central: no shift needed
+        ((40, 64, 5), ((2, 12), (50, 62))),  # x shorter than the window: pad at end
+    ],
+)
+def test_shift_inside_crop_equals_cinema(shape, lv):
+    frames, labels = _border_case(shape, lv)
+    size = (48, 48, 8)
+    image, seg = preprocess_case(
+        frames, (1.0, 1.0, 10.0), labels, image_size=size, **SAME_GRID, **CINEMA
+    )
+    expected = _cinema_input(frames, labels, size)
+    np.testing.assert_allclose(image, expected, atol=2e-6)
+    # the label is cropped with the same window
+    assert seg[0].sum() == labels[0].sum() and seg[0, ..., 5:].sum() == 0
+    # no zero band where the image is at least as large as the window
+    frame = image[0, :, :, 2]
+    if shape[0] >= size[0]:
+        assert frame.any(axis=1).all() and frame.any(axis=0).all()
+    else:  # padded at the end of x only, as CineMA's loader (SpatialPadd "end") does
+        assert frame[: shape[0]].any(axis=1).all() and not frame[shape[0] :].any()
+
+
+def test_lv_centred_crop_keeps_zero_bands_at_the_border():
+    frames, labels = _border_case()
+    image, _ = preprocess_case(
+        frames, (1.0, 1.0, 10.0), labels, image_size=(48, 48, 8), **SAME_GRID
+    )
+    frame = image[0, :, :, 2]
+    # LV x centre 6.5 -> window starts at -17: 17 rows of zeros before the image
+    assert not frame[:17].any() and frame[17:].any(axis=1).all()
+
+
+def test_cinema_crop_start_matches_cinema_formula():
+    from medlora_lib.data.preprocess import cinema_crop_start
+
+    rng = np.random.default_rng(1)
+    for _ in range(500):
+        n = int(rng.integers(5, 300))
+        size = int(rng.integers(1, 200))
+        a = int(rng.integers(0, n))
+        b = int(rng.integers(a + 1, n + 1))  # exclusive
+        centre = (a + b - 1) / 2.0
+        assert cinema_crop_start(centre, size, n) == _cinema_crop_1d(a, b, n, size)[0]
+
+
+def test_per_frame_vs_joint_intensity():
+    frames, labels = _border_case(lv=((30, 41), (25, 36)))
+    frames[1] = 0.5 * frames[0]  # ES half as bright as ED
+    kw = dict(image_size=(48, 48, 8), **SAME_GRID)
+    joint, _ = preprocess_case(frames, (1.0, 1.0, 10.0), labels, **kw)
+    per, _ = preprocess_case(
+        frames, (1.0, 1.0, 10.0), labels, intensity="per_frame", **kw
+    )
+    assert joint[0].max() == pytest.approx(1.0) and joint[1].max() < 0.85
+    # per frame: each frame spans [0, 1]; ES = 0.5 * ED, so rescaled alike
+    for t in (0, 1):
+        assert per[t].min() == 0.0 and per[t].max() == pytest.approx(1.0)
+    np.testing.assert_allclose(per[1], per[0], atol=1e-5)
+    # percentiles per frame over the cropped volume, before padding
+    crop = frames[0, 11:59, 6:54, :]
+    lo, hi = np.percentile(crop, (0.95, 99.5))
+    want = (np.clip(crop, lo, hi) - lo) / (hi - lo)
+    np.testing.assert_allclose(per[0, :, :, :5], want, atol=2e-6)
+
+
+def test_unknown_crop_or_intensity_is_refused():
+    frames, labels = _border_case()
+    with pytest.raises(DataError, match="crop='middle'"):
+        preprocess_case(frames, (1.0, 1.0, 10.0), labels, crop="middle")
+    with pytest.raises(DataError, match="intensity='none'"):
+        preprocess_case(frames, (1.0, 1.0, 10.0), labels, intensity="none")
+
+
+def test_cpu_recipe_unchanged_bit_for_bit():
+    """Digests of the first recipe, computed with the code before crop / intensity
+    became options (the book's cached results rest on it)."""
+    import hashlib
+
+    rng = np.random.default_rng(42)
+    frames = rng.gamma(2.0, 50.0, size=(2, 40, 36, 5)).astype(np.float32)
+    frames[1] *= 0.6
+    labels = np.zeros((2, 40, 36, 5), np.uint8)
+    labels[:, 3:9, 28:34, 1:4] = 1
+    grid = dict(target_spacing=(2.0, 2.0, 10.0))
+    for kw in ({}, {"crop": "lv_centred", "intensity": "joint"}):
+        im, seg = preprocess_case(
+            frames, (2.0, 2.0, 10.0), labels, image_size=(24, 24, 8), **grid, **kw
+        )
+        digest = hashlib.sha256(im.tobytes() + seg.tobytes()).hexdigest()[:16]
+        assert digest == "2d1db13645fb4238"
+    im, seg = preprocess_case(
+        frames, (2.0, 2.0, 10.0), None, image_size=(48, 24, 4), **grid
+    )
+    assert hashlib.sha256(im.tobytes() + seg.tobytes()).hexdigest()[:16] == (
+        "c70d606dec0a42e5"
+    )
+
+
+def test_profiles_choose_the_recipe():
+    from medlora_lib.config import get_config
+    from medlora_lib.data.synthetic import SynthConfig
+    from medlora_lib.pipeline import synthetic_config
+
+    for profile, crop, intensity in (
+        ("smoke", "lv_centred", "joint"),
+        ("cpu", "lv_centred", "joint"),
+        ("paper", "shift_inside", "per_frame"),
+    ):
+        cfg = get_config(profile)
+        assert (cfg.data.crop, cfg.data.intensity) == (crop, intensity)
+        scfg = synthetic_config(cfg)
+        assert (scfg.crop, scfg.intensity) == (crop, intensity)
+        sp = SynthConfig.for_profile(profile)
+        assert (sp.crop, sp.intensity) == (crop, intensity)
+
+
+def test_preprocessing_params_record_the_recipe_and_read_old_folders():
+    from medlora_lib.data.preprocess import normalise_preprocessing
+
+    new = preprocessing_params((1, 1, 10), (192, 192, 16), crop="shift_inside",
+                               intensity="per_frame")  # fmt: skip
+    assert new["crop"] == "shift_inside" and new["intensity"] == "per_frame"
+    # a folder written before the options existed: lv_centred + joint
+    old = dict(preprocessing_params((3, 3, 10), (48, 48, 8)))
+    old["crop"] = "lv_bbox_centre_at_ED"
+    del old["intensity"], old["crop_centre"]
+    assert normalise_preprocessing(old) == preprocessing_params((3, 3, 10), (48, 48, 8))

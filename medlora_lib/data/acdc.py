@@ -21,7 +21,12 @@ import numpy as np
 
 from medlora_lib.data.manifest import pathology_to_label
 from medlora_lib.data.nifti import load_nifti, load_nifti_frames, nifti_shape
-from medlora_lib.data.preprocess import CropFallback, prepare_subjects
+from medlora_lib.data.preprocess import (
+    CropFallback,
+    CropMode,
+    IntensityMode,
+    prepare_subjects,
+)
 from medlora_lib.errors import DataError
 
 __all__ = [
@@ -274,6 +279,8 @@ def prepare_acdc(
     seed: int = 0,
     client_column: str = "vendor",
     crop_fallback: CropFallback = "center",
+    crop: CropMode = "lv_centred",
+    intensity: IntensityMode = "joint",
     overwrite: bool = False,
     merge: bool = False,
     progress: bool = True,
@@ -284,6 +291,13 @@ def prepare_acdc(
     (:func:`~medlora_lib.data.preprocess.preprocess_case`) and writes ``OUT_DIR``
     atomically (:func:`~medlora_lib.data.manifest.write_prepared_dataset`); prints a
     vendor x split summary.
+
+    ``crop`` and ``intensity`` (config fields ``data.crop`` / ``data.intensity``) choose
+    CineMA's crop and per-frame intensities (``"shift_inside"``, ``"per_frame"``: the
+    ``paper`` profile) or this project's first recipe (the defaults); see
+    :func:`~medlora_lib.data.preprocess.preprocess_case`. A vendor with one class only
+    is written with a warning (a federation refuses it unless
+    ``fed.allow_single_class``).
 
     Returns:
         ``out_dir``.
@@ -303,6 +317,8 @@ def prepare_acdc(
         target_spacing=target_spacing,
         image_size=image_size,
         crop_fallback=crop_fallback,
+        crop=crop,
+        intensity=intensity,
         val_fraction=val_fraction,
         test_fraction=test_fraction,
         seed=seed,

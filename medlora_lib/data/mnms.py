@@ -30,7 +30,12 @@ from medlora_lib.data.manifest import (
     pathology_to_label,
 )
 from medlora_lib.data.nifti import load_nifti_frames, nifti_shape
-from medlora_lib.data.preprocess import CropFallback, prepare_subjects
+from medlora_lib.data.preprocess import (
+    CropFallback,
+    CropMode,
+    IntensityMode,
+    prepare_subjects,
+)
 from medlora_lib.errors import DataError
 
 __all__ = [
@@ -381,6 +386,8 @@ def prepare_mnms(
     seed: int = 0,
     client_column: str = "vendor",
     crop_fallback: CropFallback = "center",
+    crop: CropMode = "lv_centred",
+    intensity: IntensityMode = "joint",
     csv_path: str | Path | None = None,
     on_mismatch: OnMismatch = "error",
     skip_unlisted: bool = False,
@@ -416,6 +423,8 @@ def prepare_mnms(
         target_spacing=target_spacing,
         image_size=image_size,
         crop_fallback=crop_fallback,
+        crop=crop,
+        intensity=intensity,
         val_fraction=val_fraction,
         test_fraction=test_fraction,
         seed=seed,

@@ -30,7 +30,12 @@ from medlora_lib.data.manifest import (
 )
 from medlora_lib.data.mnms import OnMismatch, _rename_columns
 from medlora_lib.data.nifti import load_nifti, nifti_shape
-from medlora_lib.data.preprocess import CropFallback, prepare_subjects
+from medlora_lib.data.preprocess import (
+    CropFallback,
+    CropMode,
+    IntensityMode,
+    prepare_subjects,
+)
 from medlora_lib.errors import DataError
 
 __all__ = ["Mnms2Subject", "scan_mnms2", "prepare_mnms2", "MNMS2_REQUIRED_COLUMNS"]
@@ -218,6 +223,8 @@ def prepare_mnms2(
     seed: int = 0,
     client_column: str = "vendor",
     crop_fallback: CropFallback = "center",
+    crop: CropMode = "lv_centred",
+    intensity: IntensityMode = "joint",
     on_mismatch: OnMismatch = "error",
     skip_unlisted: bool = False,
     overwrite: bool = False,
@@ -250,6 +257,8 @@ def prepare_mnms2(
         target_spacing=target_spacing,
         image_size=image_size,
         crop_fallback=crop_fallback,
+        crop=crop,
+        intensity=intensity,
         val_fraction=val_fraction,
         test_fraction=test_fraction,
         seed=seed,

@@ -1,8 +1,11 @@
 """CineMA-style preprocessing of one cine case (ED + ES) into the model's input format.
 
-Steps (``preprocess_case``), following CineMA's public recipe (see
-``../shared/reference/datasets.md``) and explained in
-``notebooks/01_data_and_vendor_heterogeneity``:
+Steps (``preprocess_case``), following CineMA's public recipe (its
+``cinema/data/sitk.py`` and ``cinema/data/{acdc,mnms}/preprocess.py``), explained in
+``notebooks/01_data_and_vendor_heterogeneity`` and, for what differs from CineMA and by
+how much, in ``book/real_data.md``. Two choices are options (``crop``, ``intensity``;
+config fields ``data.crop`` and ``data.intensity``): the ``paper`` profile does what
+CineMA does, the ``cpu`` / ``smoke`` profiles keep this project's first recipe.
 
 1. **Resample** both frames to ``target_spacing`` (mm) with MONAI ``Resize`` at the size
    ``round(shape * spacing / target_spacing)``. Images: axes that shrink are resampled
@@ -19,13 +22,27 @@ Steps (``preprocess_case``), following CineMA's public recipe (see
      blood pool changes most between ED and ES). Falls back to the centre when the peak
      is not clearly above the background (peak < 2x the median of the map).
 
-   Where the crop window leaves the image it is zero-padded.
-3. **Clip** intensities to the 0.95th-99.5th percentiles and **rescale to [0, 1]** jointly
-   over both frames (so ED and ES keep their relative contrast). Percentiles are taken
-   over the cropped region (before zero padding, so the padding does not bias them).
+   Where the window lies, chosen by ``crop``:
+
+   * ``"shift_inside"`` (CineMA, ``get_center_crop_size_from_1d_bbox``): the window
+     starts at ``ceil(c - size / 2)`` for the centre ``c`` and is then shifted back
+     inside the image where it would leave it, so it holds image everywhere. Only an
+     axis shorter than the window is padded, with zeros at its end (CineMA crops
+     nothing there and MONAI's ``SpatialPadd(method="end")`` pads when loading).
+   * ``"lv_centred"``: the window stays centred on ``c`` (same rounding) and is
+     zero-padded where it leaves the image (bands of zeros beside the image).
+3. **Clip** intensities to the 0.95th-99.5th percentiles and **rescale to [0, 1]**,
+   chosen by ``intensity``:
+
+   * ``"per_frame"`` (CineMA, ``clip_and_normalise_intensity_3d``): ED and ES each on
+     their own: percentiles of the frame's cropped volume (all its slices, before any
+     padding), clip, then min-max rescale of the clipped frame to [0, 1].
+   * ``"joint"``: one pair of percentiles over both frames' cropped region (before zero
+     padding), so ED and ES keep their relative contrast.
 4. **Slices**: zero-padded at the end to ``image_size[2]``; when there are more slices,
    the central ``image_size[2]`` slices are kept (symmetric crop, the extra odd slice is
-   dropped at the end).
+   dropped at the end). CineMA keeps them all (never more than 16 at 10 mm in ACDC or
+   M&Ms, so this does not arise at the ``paper`` profile).
 """
 
 from __future__ import annotations
@@ -48,7 +65,11 @@ __all__ = [
     "summarise_prepared",
     "resampled_shape",
     "lv_centre",
+    "cinema_crop_start",
+    "normalise_preprocessing",
     "CLIP_PERCENTILES",
+    "CROP_MODES",
+    "INTENSITY_MODES",
     "PREPROCESSING_VERSION",
 ]
 
@@ -58,28 +79,55 @@ CLIP_PERCENTILES = (0.95, 99.5)
 PREPROCESSING_VERSION = 1
 
 CropFallback = Literal["center", "motion"]
+CropMode = Literal["lv_centred", "shift_inside"]
+IntensityMode = Literal["joint", "per_frame"]
+CROP_MODES: tuple[str, ...] = ("lv_centred", "shift_inside")
+INTENSITY_MODES: tuple[str, ...] = ("joint", "per_frame")
+# what folders written before ``crop`` / ``intensity`` were options recorded
+_OLD_CROP = {"lv_bbox_centre_at_ED": "lv_centred"}
 
 
 def preprocessing_params(
     target_spacing: Sequence[float] = (3.0, 3.0, 10.0),
     image_size: Sequence[int] = (48, 48, 8),
     crop_fallback: CropFallback = "center",
+    crop: CropMode = "lv_centred",
+    intensity: IntensityMode = "joint",
 ) -> dict:
     """The preprocessing parameters as stored in ``dataset.json`` (``"preprocessing"``).
 
-    Two data folders can be merged only when these dictionaries are equal.
+    Two data folders can be merged only when these dictionaries are equal (after
+    :func:`normalise_preprocessing`).
     """
     return {
         "version": PREPROCESSING_VERSION,
         "target_spacing": [float(s) for s in target_spacing],
         "image_size": [int(s) for s in image_size],
         "clip_percentiles": list(CLIP_PERCENTILES),
-        "crop": "lv_bbox_centre_at_ED",
+        "crop": crop,
+        "crop_centre": "lv_bbox_centre_at_ED_else_ES",
         "crop_fallback": crop_fallback,
+        "intensity": intensity,
         "slices": "pad_end_or_centre_crop",
         "image_interp": "area_down_trilinear_up",
         "label_interp": "nearest",
     }
+
+
+def normalise_preprocessing(params: dict) -> dict:
+    """``params`` (a ``dataset.json`` ``"preprocessing"`` entry) in today's spelling.
+
+    Folders written before ``crop`` and ``intensity`` were options recorded
+    ``crop="lv_bbox_centre_at_ED"`` and no ``intensity``: they were prepared with
+    ``lv_centred`` and ``joint``, and compare equal to a folder prepared so today.
+    """
+    out = dict(params)
+    if "crop" in out:
+        if out["crop"] in _OLD_CROP:
+            out["crop"] = _OLD_CROP[out["crop"]]
+            out.setdefault("crop_centre", "lv_bbox_centre_at_ED_else_ES")
+        out.setdefault("intensity", "joint")
+    return out
 
 
 def resampled_shape(
@@ -129,6 +177,43 @@ def _window(centre: float, size: int, n: int) -> tuple[int, int, int, int]:
     return a, b, a - start, a - start + (b - a)
 
 
+def cinema_crop_start(centre: float, size: int, n: int) -> int:
+    """First index of CineMA's crop window of ``size`` on an axis of ``n`` voxels.
+
+    CineMA's ``get_center_crop_size_from_1d_bbox`` with the bounding box's centre
+    ``centre = (bbox_min + bbox_max_inclusive) / 2``: start at ``ceil(centre - size/2)``,
+    then shift the window right if it starts before 0 and left if it ends after ``n``.
+    When ``n <= size`` nothing is cropped (0).
+    """
+    if n <= size:
+        return 0
+    start = int(np.ceil(centre - size / 2.0))
+    end = start + size
+    start = max(start, 0)
+    if end > n:
+        start -= end - n
+    return start
+
+
+def _shift_inside_window(centre: float, size: int, n: int) -> tuple[int, int, int, int]:
+    """Like :func:`_window` for CineMA's crop: inside the image, padded at the end."""
+    a = cinema_crop_start(centre, size, n)
+    b = min(a + size, n)
+    return a, b, 0, b - a
+
+
+def _clip_rescale(region: np.ndarray) -> np.ndarray:
+    """Clip to :data:`CLIP_PERCENTILES` of ``region``, then min-max rescale to [0, 1]."""
+    lo, hi = np.percentile(region, CLIP_PERCENTILES)
+    clipped = np.clip(region, lo, hi)
+    # CineMA: sitk.Clamp, Normalize, RescaleIntensity(0, 1), i.e. a min-max rescale of
+    # the clipped frame (Normalize is affine, so it changes nothing but rounding)
+    mn, mx = clipped.min(), clipped.max()
+    if mx > mn:
+        return ((clipped - mn) / (mx - mn)).astype(np.float32)
+    return np.zeros_like(region)
+
+
 def _resize(
     array: np.ndarray, size: tuple[int, int, int], *, label: bool
 ) -> np.ndarray:
@@ -158,6 +243,8 @@ def preprocess_case(
     target_spacing: Sequence[float] = (3.0, 3.0, 10.0),
     image_size: Sequence[int] = (48, 48, 8),
     crop_fallback: CropFallback = "center",
+    crop: CropMode = "lv_centred",
+    intensity: IntensityMode = "joint",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Turn an ED/ES pair into CineMA's input format (see the module docstring).
 
@@ -170,6 +257,10 @@ def preprocess_case(
         image_size: output ``(H, W, D)``.
         crop_fallback: in-plane crop centre when no LV label exists (``"center"`` or
             ``"motion"``).
+        crop: ``"shift_inside"`` (CineMA: the window is shifted back inside the image)
+            or ``"lv_centred"`` (the window stays centred, zero-padded outside).
+        intensity: ``"per_frame"`` (CineMA: ED and ES clipped and rescaled each on
+            their own) or ``"joint"`` (one clip range and rescale for both).
 
     Returns:
         ``(image, label)``: float32 ``(2, H, W, D)`` in [0, 1] and uint8 ``(2, H, W, D)``
@@ -197,6 +288,12 @@ def preprocess_case(
         raise DataError(
             f"crop_fallback={crop_fallback!r} is unknown; use 'center' or 'motion'."
         )
+    if crop not in CROP_MODES:
+        raise DataError(f"crop={crop!r} is unknown; use one of {CROP_MODES}.")
+    if intensity not in INTENSITY_MODES:
+        raise DataError(
+            f"intensity={intensity!r} is unknown; use one of {INTENSITY_MODES}."
+        )
     height, width, depth = (int(s) for s in image_size)
     if not np.all(np.isfinite(frames)):
         frames = np.nan_to_num(frames, nan=0.0, posinf=0.0, neginf=0.0)
@@ -217,24 +314,33 @@ def preprocess_case(
         centre = _motion_centre(image, sigma=sigma)
     if centre is None:
         centre = ((size[0] - 1) / 2.0, (size[1] - 1) / 2.0)
-    xa, xb, xo0, xo1 = _window(centre[0], height, size[0])
-    ya, yb, yo0, yo1 = _window(centre[1], width, size[1])
+    window = _shift_inside_window if crop == "shift_inside" else _window
+    xa, xb, xo0, xo1 = window(centre[0], height, size[0])
+    ya, yb, yo0, yo1 = window(centre[1], width, size[1])
     # slices: keep all if they fit (pad at the end), else the central `depth`
     if size[2] <= depth:
         za, zb = 0, size[2]
     else:
         za = (size[2] - depth) // 2
         zb = za + depth
-    region = image[:, xa:xb, ya:yb, za:zb]
 
-    # 3. clip + joint rescale to [0, 1]
+    # 3. clip + rescale to [0, 1]
     out_image = np.zeros((2, height, width, depth), dtype=np.float32)
+    if intensity == "per_frame":
+        # CineMA's order: crop in-plane, clip + rescale each frame over all its slices
+        region = image[:, xa:xb, ya:yb, :]
+        if region.size:
+            region = np.stack([_clip_rescale(frame) for frame in region])
+        region = region[..., za:zb]
+    else:
+        region = image[:, xa:xb, ya:yb, za:zb]
     if region.size:
-        lo, hi = np.percentile(region, CLIP_PERCENTILES)
-        if hi > lo:
-            region = (np.clip(region, lo, hi) - lo) / (hi - lo)
-        else:
-            region = np.zeros_like(region)
+        if intensity == "joint":
+            lo, hi = np.percentile(region, CLIP_PERCENTILES)
+            if hi > lo:
+                region = (np.clip(region, lo, hi) - lo) / (hi - lo)
+            else:
+                region = np.zeros_like(region)
         out_image[:, xo0:xo1, yo0:yo1, : zb - za] = region
     out_label = np.zeros((2, height, width, depth), dtype=np.uint8)
     if seg is not None and region.size:
@@ -251,6 +357,8 @@ def iter_prepared_records(
     target_spacing: Sequence[float],
     image_size: Sequence[int],
     crop_fallback: CropFallback = "center",
+    crop: CropMode = "lv_centred",
+    intensity: IntensityMode = "joint",
     progress: bool = True,
     desc: str = "preprocess",
 ):
@@ -274,6 +382,8 @@ def iter_prepared_records(
                 target_spacing=target_spacing,
                 image_size=image_size,
                 crop_fallback=crop_fallback,
+                crop=crop,
+                intensity=intensity,
             )
         except DataError as exc:
             raise DataError(f"subject {subject.subject_id}: {exc}") from exc
@@ -315,6 +425,8 @@ def prepare_subjects(
     target_spacing: Sequence[float],
     image_size: Sequence[int],
     crop_fallback: CropFallback = "center",
+    crop: CropMode = "lv_centred",
+    intensity: IntensityMode = "joint",
     val_fraction: float = 0.15,
     test_fraction: float = 0.25,
     seed: int = 0,
@@ -342,7 +454,7 @@ def prepare_subjects(
         "image_size": [int(s) for s in image_size],
         "spacing": [float(s) for s in target_spacing],
         "preprocessing": preprocessing_params(
-            target_spacing, image_size, crop_fallback
+            target_spacing, image_size, crop_fallback, crop, intensity
         ),
         "sources": [source],
         "split": {

@@ -83,7 +83,8 @@ _PROFILES: dict[str, dict[str, Any]] = {
     "cpu": {"scale": 1.0, "min_per_vendor": 12, "image_size": (48, 48, 8),
             "spacing": (3.0, 3.0, 10.0)},
     "paper": {"scale": 1.0, "min_per_vendor": 12, "image_size": (192, 192, 16),
-              "spacing": (1.0, 1.0, 10.0)},
+              "spacing": (1.0, 1.0, 10.0), "crop": "shift_inside",
+              "intensity": "per_frame"},
 }  # fmt: skip
 
 
@@ -110,6 +111,9 @@ class SynthConfig:
         class_overlap: difficulty knob: multiplies every phenotype spread (1 = the
             documented design; see ``phantom.PHENOTYPE_PRIORS``).
         noise_level: difficulty knob: multiplies the image noise (1 = vendor SNR).
+        crop, intensity: preprocessing options of the preprocessed layout (config
+            fields ``data.crop`` / ``data.intensity``; see
+            :func:`~medlora_lib.data.preprocess.preprocess_case`).
     """
 
     scale: float = 1.0
@@ -125,6 +129,8 @@ class SynthConfig:
     test_fraction: float = 0.25
     class_overlap: float = 1.0
     noise_level: float = 1.0
+    crop: str = "lv_centred"
+    intensity: str = "joint"
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, msg: str) -> None:
@@ -187,6 +193,14 @@ class SynthConfig:
         )
         check(self.class_overlap >= 0, "class_overlap", "must be >= 0")
         check(self.noise_level > 0, "noise_level", "must be > 0")
+        from medlora_lib.data.preprocess import CROP_MODES, INTENSITY_MODES
+
+        check(self.crop in CROP_MODES, "crop", f"choose one of {CROP_MODES}")
+        check(
+            self.intensity in INTENSITY_MODES,
+            "intensity",
+            f"choose one of {INTENSITY_MODES}",
+        )
 
     @classmethod
     def for_profile(cls, name: str, **overrides: Any) -> SynthConfig:
@@ -670,6 +684,8 @@ def _preprocess(case: RawCase, config: SynthConfig) -> tuple[np.ndarray, np.ndar
         labels=case.labels(),
         target_spacing=config.spacing,
         image_size=config.image_size,
+        crop=config.crop,  # type: ignore[arg-type]
+        intensity=config.intensity,  # type: ignore[arg-type]
     )
 
 
@@ -677,7 +693,12 @@ def _dataset_info(config: SynthConfig) -> dict:
     from medlora_lib.data.preprocess import preprocessing_params
 
     return {
-        "preprocessing": preprocessing_params(config.spacing, config.image_size),
+        "preprocessing": preprocessing_params(
+            config.spacing,
+            config.image_size,
+            crop=config.crop,  # type: ignore[arg-type]
+            intensity=config.intensity,  # type: ignore[arg-type]
+        ),
         "sources": [{"name": "synthetic", "generator": "medlora_lib.data.synthetic",
                      "config": config.to_dict()}],
         "split": {
