@@ -19,6 +19,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from medlora_lib.config import PROFILES, get_config
@@ -279,10 +280,25 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
     print(f"prepared {args.dataset} into {out} ({time.perf_counter() - t0:.1f} s)")
 
 
+def _show_data_warning(message, category, filename, lineno, file=None, line=None):
+    """A :class:`~medlora_lib.errors.DataWarning` as one ``warning:`` line."""
+    from medlora_lib.errors import DataWarning
+
+    if issubclass(category, DataWarning):
+        print(f"warning: {message}", file=file or sys.stderr)
+    else:
+        _SHOW_WARNING(message, category, filename, lineno, file, line)
+
+
+_SHOW_WARNING = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``medlora`` console script."""
     args = build_parser().parse_args(argv)
     import signal
+
+    warnings.showwarning = _show_data_warning
 
     def _terminate(signum, frame):  # SIGTERM: stop the Flower processes as Ctrl-C does
         raise KeyboardInterrupt

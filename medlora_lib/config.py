@@ -249,6 +249,14 @@ class FedConfig:
         "fed.min_sites) to connect before giving up with a clear error.",
         default=120.0,
     )
+    allow_single_class: bool = _help(
+        "Let a site whose training subjects are all of one class (e.g. only diseased) "
+        "take part, with a warning; its specificity or sensitivity is then undefined. "
+        "False: such a site is refused before the run starts (the message names it; "
+        "leaving it out with fed.exclude is the other way). True in the `smoke` "
+        "profile, whose tiny sets leave ACDC or a centre with one class.",
+        default=False,
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.exclude, str):
@@ -457,7 +465,7 @@ _PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
         },
         "model": {"size": "small", "pretrained": "small"},
         "train": {"local_epochs": 1, "batch_size": 8, "num_threads": 1},
-        "fed": {"num_rounds": 2},
+        "fed": {"num_rounds": 2, "allow_single_class": True},
     },
     "cpu": {
         "data": {
@@ -533,6 +541,7 @@ OPERATIONAL_KEYS: tuple[str, ...] = (
     "fed.num_sites",
     "fed.round_timeout",
     "fed.connect_timeout",
+    "fed.allow_single_class",
 )
 
 

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-__all__ = ["MedloraError", "DataError", "ConfigError", "CheckpointError"]
+__all__ = [
+    "MedloraError",
+    "DataError",
+    "ConfigError",
+    "CheckpointError",
+    "DataWarning",
+]
 
 
 class MedloraError(Exception):
@@ -19,3 +25,7 @@ class ConfigError(MedloraError, ValueError):
 
 class CheckpointError(MedloraError, ValueError):
     """A checkpoint cannot be read or does not fit the model."""
+
+
+class DataWarning(UserWarning):
+    """Data were written or read, but something about them needs the user's attention."""

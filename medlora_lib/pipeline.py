@@ -64,10 +64,14 @@ def resolve_data_dir(cfg: ExperimentConfig, verbose: bool = True) -> Path:
 
     Order: ``cfg.data.data_dir``, then ``$MEDLORA_DATA_DIR``, then the synthetic data set
     of the profile under ``<cache>/data/synth-<hash>`` (made once; same parameters, same
-    folder, same bytes).
+    folder, same bytes). The folder must have been prepared as ``cfg`` says
+    (:func:`check_data_matches`), and no site of the federation may have training
+    subjects of one class only unless ``fed.allow_single_class``
+    (:func:`medlora_lib.fl.sites.check_site_classes`).
 
     Raises:
-        DataError: a given folder holds no ``manifest.csv``.
+        DataError: a given folder holds no ``manifest.csv``, or a single-class site.
+        ConfigError: the folder was prepared otherwise (image size, crop, intensity).
     """
     given = cfg.data.data_dir or os.environ.get("MEDLORA_DATA_DIR")
     if given:
@@ -79,6 +83,7 @@ def resolve_data_dir(cfg: ExperimentConfig, verbose: bool = True) -> Path:
                 f"to use the synthetic default"
             )
         check_data_matches(cfg, path)
+        _check_sites(cfg, path)
         return path
     from medlora_lib.data.synthetic import make_synthetic
 
@@ -109,7 +114,24 @@ def resolve_data_dir(cfg: ExperimentConfig, verbose: bool = True) -> Path:
                         f"generated synthetic data in {path} "
                         f"({time.perf_counter() - t0:.1f} s)"
                     )
+    _check_sites(cfg, path)
     return path
+
+
+def _check_sites(cfg: ExperimentConfig, data_dir: Path) -> None:
+    """Refuse a single-class site of ``cfg``'s federation (``fed.allow_single_class``)."""
+    from medlora_lib.data.manifest import read_manifest
+    from medlora_lib.fl.sites import check_site_classes, site_names
+
+    manifest = read_manifest(data_dir, check_files=False)
+    sites = [
+        s
+        for s in site_names(data_dir, cfg.fed.partition_by)
+        if s not in cfg.fed.exclude
+    ]
+    check_site_classes(
+        manifest, cfg.fed.partition_by, sites, cfg.fed.allow_single_class
+    )
 
 
 def check_data_matches(cfg: ExperimentConfig, data_dir: Path) -> None:
@@ -227,6 +249,7 @@ def load_client_data(
         DataError: the folder does not match its manifest, or a client has no
             training data.
     """
+    from medlora_lib.data.dataset import load_case
     from medlora_lib.data.manifest import VENDORS, read_manifest
 
     data_dir = Path(data_dir)
@@ -244,9 +267,9 @@ def load_client_data(
             ]
             if rows.empty:
                 continue
-            imgs = np.stack(
-                [np.load(data_dir / p)["image"] for p in rows["path"]]
-            ).astype(np.float32)
+            imgs = np.stack([load_case(data_dir / p)[0] for p in rows["path"]]).astype(
+                np.float32
+            )
             cd.splits[split] = (
                 torch.from_numpy(imgs),
                 torch.as_tensor(rows["label"].to_numpy().copy(), dtype=torch.long),

@@ -301,3 +301,34 @@ def test_prepare_mnms2_then_merge_into_mnms(tmp_path):
     df = read_manifest(out)
     assert len(df) == 22 and set(df["dataset"]) == {"mnms", "mnms2"}
     assert set(df["vendor"]) == {"Siemens", "Philips", "GE", "Canon"}
+
+
+def test_prepare_mnms_with_a_vendor_of_diseased_subjects_only(tmp_path, capsys):
+    """The real download can have a vendor with one class: prepare writes and warns;
+    the federation decides (fed.allow_single_class), also after --merge."""
+    from medlora_lib.cli import main
+
+    subjects = _many_subjects() + [
+        (f"C{i:05d}", "Validation", "GE", "C", 4, 0, 3, "HCM", True) for i in range(3)
+    ]
+    make_mnms(tmp_path / "raw", subjects=subjects)
+    args = ["--image-size", "16", "16", "4", "--spacing", "2", "2", "10"]
+    out = tmp_path / "out"
+    assert main(["prepare", "mnms", str(tmp_path / "raw"), str(out), *args]) == 0
+    err = capsys.readouterr().err
+    assert "warning: client 'GE' (vendor) has a single class" in err
+    assert "0 healthy (label 0) and 3 diseased" in err
+    assert "fed.allow_single_class=true" in err and "Traceback" not in err
+    df = read_manifest(out)
+    assert (df["vendor"] == "GE").sum() == 3
+    # --merge (M&Ms into an ACDC folder) is not refused either
+    from test_loaders_acdc import make_acdc
+
+    make_acdc(tmp_path / "acdc", patients=[(i, "NOR" if i < 3 else "DCM", 1, 4)
+                                           for i in range(1, 7)])  # fmt: skip
+    merged = tmp_path / "merged"
+    assert main(["prepare", "acdc", str(tmp_path / "acdc"), str(merged), *args]) == 0
+    cmd = ["prepare", "mnms", str(tmp_path / "raw"), str(merged), *args, "--merge"]
+    assert main(cmd) == 0
+    assert "'GE' (vendor) has a single class" in capsys.readouterr().err
+    assert set(read_manifest(merged)["dataset"]) == {"acdc", "mnms"}

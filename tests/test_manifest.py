@@ -231,3 +231,136 @@ def test_read_manifest_validation(tmp_path):
         read_manifest(out)
     with pytest.raises(DataError, match="no manifest.csv"):
         read_manifest(tmp_path / "nothing")
+
+
+# ----------------------------------------------- same data set = same content
+
+
+def _ids(prefix, vendors=("Siemens", "Philips"), n=6):
+    return [f"{prefix}_{v}_{i}" for v in vendors for i in range(n)]
+
+
+def test_a_different_data_set_of_the_same_source_is_refused(tmp_path):
+    out = write_prepared_dataset(tmp_path / "out", _records("a"), _info("a"))
+    before = read_manifest(out)["subject_id"].tolist()
+    # fewer subjects of the same source: refused before any record is made
+    made = []
+
+    def fewer():
+        for rec in _records("a", n=4):
+            made.append(rec.subject_id)
+            yield rec
+
+    with pytest.raises(DataError) as err:
+        write_prepared_dataset(out, fewer(), _info("a"), subject_ids=_ids("a", n=4))
+    text = str(err.value)
+    assert str(out) in text and "--overwrite" in text
+    assert "subjects: 12 there, 8 here" in text and "4 only there" in text
+    assert made == []  # nothing was preprocessed
+    # the same without the ids up front: found once the records are written
+    with pytest.raises(DataError, match=r"subjects: 12 there, 8 here"):
+        write_prepared_dataset(out, _records("a", n=4), _info("a"))
+    assert read_manifest(out)["subject_id"].tolist() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    # another split seed: another data set
+    info = _info("a")
+    info["split"]["seed"] = 1
+    with pytest.raises(DataError, match=r"split\.seed 0 there, 1 here"):
+        write_prepared_dataset(out, _records("a"), info, subject_ids=_ids("a"))
+    # other preprocessing (e.g. CineMA's crop)
+    info = _info("a")
+    info["preprocessing"] = preprocessing_params(
+        (3.0, 3.0, 10.0), (8, 8, 2), crop="shift_inside"
+    )
+    with pytest.raises(DataError, match=r"preprocessing\.crop 'lv_centred' there"):
+        write_prepared_dataset(out, _records("a"), info)
+    # the identical data set again: fine, rebuilt in place
+    write_prepared_dataset(out, _records("a"), _info("a"), subject_ids=_ids("a"))
+    assert read_manifest(out)["subject_id"].tolist() == before
+    # and --overwrite replaces it
+    write_prepared_dataset(out, _records("a", n=4), _info("a"), overwrite=True)
+    assert len(read_manifest(out)) == 8
+
+
+def test_source_content_compared_not_its_location(tmp_path):
+    src = {"name": "acdc", "raw_dir": "/data/ACDC", "n": 12}
+    out = write_prepared_dataset(tmp_path / "out", _records("a"), _info(src))
+    moved = dict(src, raw_dir="/mnt/elsewhere/ACDC")  # same download, moved
+    write_prepared_dataset(out, _records("a"), _info(moved))
+    with pytest.raises(DataError, match=r"sources\[acdc\]\.n 12 there, 9 here"):
+        write_prepared_dataset(out, _records("a"), _info(dict(src, n=9)))
+
+
+def test_folder_of_the_old_format_is_the_same_data_set(tmp_path):
+    out = write_prepared_dataset(tmp_path / "out", _records("a"), _info("a"))
+    info = json.loads((out / "dataset.json").read_text())
+    info["preprocessing"]["crop"] = "lv_bbox_centre_at_ED"  # before crop was an option
+    del info["preprocessing"]["intensity"], info["preprocessing"]["crop_centre"]
+    (out / "dataset.json").write_text(json.dumps(info))
+    write_prepared_dataset(out, _records("a"), _info("a"))  # not refused
+
+
+def test_single_class_vendor_is_written_with_a_warning(tmp_path):
+    from medlora_lib.errors import DataWarning
+
+    def ge_diseased():
+        yield from _records("a")
+        for rec in _records("g", vendors=("GE",), n=3):
+            rec.label, rec.pathology = 1, "DCM"
+            yield rec
+
+    with pytest.warns(DataWarning, match=r"'GE'.*0 healthy.*3 diseased.*allow_single"):
+        out = write_prepared_dataset(tmp_path / "out", ge_diseased(), _info("a"))
+    df = read_manifest(out)
+    assert (df.loc[df.vendor == "GE", "label"] == 1).all() and len(df) == 15
+
+
+# ----------------------------------------------- what a killed writer leaves
+
+
+def test_stale_work_folders_of_a_killed_writer_are_cleaned(tmp_path, capsys):
+    import os
+    import subprocess
+
+    from medlora_lib.data import manifest as m
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that is gone
+    out = write_prepared_dataset(tmp_path / "out", _records("a"), _info("a"))
+    stale = tmp_path / f".out.tmp-{m._HOST}-{dead.pid}-0123abcd"
+    (stale / "arrays").mkdir(parents=True)
+    live = tmp_path / f".out.tmp-{m._HOST}-{os.getpid()}-89abcdef"  # still running
+    live.mkdir()
+    other_host = tmp_path / f".out.tmp-otherhost-{dead.pid}-0123abcd"
+    other_host.mkdir()
+    unrelated = tmp_path / f".other.tmp-{m._HOST}-{dead.pid}-0123abcd"
+    unrelated.mkdir()
+    write_prepared_dataset(out, _records("a"), _info("a"))
+    assert not stale.exists() and live.exists() and other_host.exists()
+    assert unrelated.exists()
+    err = capsys.readouterr().err
+    assert f"removed `{stale}`" in err and f"process {dead.pid} is gone" in err
+    # killed between moving the old folder aside and moving the new one in
+    backup = tmp_path / f".out.old-{m._HOST}-{dead.pid}-0123abcd"
+    os.replace(out, backup)
+    assert m.clean_stale_work_dirs(out) == []
+    assert read_manifest(out)["subject_id"].str.startswith("a_").all()
+    assert "put back" in capsys.readouterr().err
+
+
+def test_work_folder_names_its_owner(tmp_path, monkeypatch):
+    import os
+
+    from medlora_lib.data import manifest as m
+
+    seen = []
+    real = m._work_dir
+
+    def spy(out_dir, kind):
+        path = real(out_dir, kind)
+        seen.append(path.name)
+        return path
+
+    monkeypatch.setattr(m, "_work_dir", spy)
+    write_prepared_dataset(tmp_path / "out", _records("a"), _info("a"))
+    assert seen[0].startswith(f".out.tmp-{m._HOST}-{os.getpid()}-")

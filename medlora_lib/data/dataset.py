@@ -11,6 +11,8 @@ do not depend on worker count or iteration order. Explained in
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,16 +34,30 @@ __all__ = ["CineDataset", "load_arrays", "load_case", "make_augmentation"]
 
 
 def load_case(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """``(image float32 (2,H,W,D), label uint8 (2,H,W,D))`` from one ``.npz`` file."""
+    """``(image float32 (2,H,W,D), label uint8 (2,H,W,D))`` from one ``.npz`` file.
+
+    Raises:
+        DataError: the file is missing, truncated or corrupt (a partly copied or
+            interrupted download of a prepared folder); the message names the file.
+    """
     try:
         with np.load(path) as z:
             return z["image"].astype(np.float32, copy=False), z["label"].astype(
                 np.uint8
             )
-    except (OSError, KeyError, ValueError, EOFError) as exc:
+    except (
+        OSError,
+        KeyError,
+        ValueError,
+        EOFError,
+        zipfile.BadZipFile,
+        zlib.error,
+    ) as exc:
         raise DataError(
-            f"cannot read prepared array `{path}` ({type(exc).__name__}: {exc}); "
-            "rebuild the data folder with `medlora prepare ... --overwrite`."
+            f"cannot read prepared array `{path}` ({type(exc).__name__}: {exc}): the "
+            "file is missing, truncated or corrupt. Re-run the `medlora prepare` (or "
+            "`medlora synth`) that wrote this folder: with the same settings it "
+            "rebuilds the folder in place; or restore the file from a good copy."
         ) from exc
 
 

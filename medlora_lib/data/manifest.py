@@ -13,25 +13,39 @@ Decisions:
   depend on the others). For each class of ``n`` subjects: ``n * test_fraction`` go to
   test and ``n * val_fraction`` to val (rounded half up), at least one each when ``n >= 3``
   (so both classes appear in every split when counts allow) and at least one always stays
-  in train. A client with no subjects, or with only one class, is an error (the message
-  names the client, its counts and the fix); pass ``allow_single_class=True`` to only warn.
+  in train. A client with no subjects is an error. A client with only one class (in
+  the real M&Ms download, a vendor may have only diseased subjects) is written with a
+  :class:`~medlora_lib.errors.DataWarning` naming it and its counts: preparing data
+  does not depend on which federation uses them; a federation refuses such a site at
+  run time unless ``fed.allow_single_class`` (:mod:`medlora_lib.fl.sites`).
+  :func:`assign_splits` alone refuses it unless ``allow_single_class=True``.
 * **Writing** is atomic: everything is written into a hidden temporary sibling folder
-  that is renamed onto ``OUT_DIR`` at the end; on any exception it is removed, so
-  ``OUT_DIR`` never holds a half-written data set.
-* **An existing data set** in ``OUT_DIR``: the same data set (equal preprocessing and
-  sources) is rebuilt in place; a different one is refused unless ``overwrite=True``
-  (replace it) or ``merge=True`` (add new sources to it: only when the preprocessing
-  parameters are equal and the new sources and subject ids are not already there; splits
-  are then recomputed over the merged manifest with the *new* split parameters, so the
-  splits of subjects already there can change). A non-empty folder that is not a
-  medlora data set is always refused.
+  ``.OUT_DIR.tmp-<host>-<pid>-<tag>`` that is renamed onto ``OUT_DIR`` at the end; on
+  any exception it is removed, so ``OUT_DIR`` never holds a half-written data set. A
+  process killed outright (SIGKILL, power loss) cannot remove it: the next write to
+  ``OUT_DIR`` removes such folders whose process (same host, pid) is gone, and says so;
+  if the kill came between moving the old folder aside and moving the new one in, the
+  old folder is put back first.
+* **An existing data set** in ``OUT_DIR`` is compared by content: preprocessing
+  parameters, split parameters (fractions, seed, client column), sources (name and what
+  defines them, e.g. the synthetic generator's config and seed, but not where the raw
+  download lies) and the list of subject ids. The same data set is rebuilt in place (so
+  re-running a ``prepare`` repairs a damaged folder); a different one is refused, naming
+  what differs, unless ``overwrite=True`` (replace it) or ``merge=True`` (add new
+  sources to it: only when the preprocessing parameters are equal and the new sources
+  and subject ids are not already there; splits are then recomputed over the merged
+  manifest with the *new* split parameters, so the splits of subjects already there can
+  change). A non-empty folder that is not a medlora data set is always refused.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
+import sys
 import uuid
 import warnings
 import zlib
@@ -42,7 +56,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from medlora_lib.errors import DataError
+from medlora_lib.errors import DataError, DataWarning
 
 __all__ = [
     "MANIFEST_COLUMNS",
@@ -53,6 +67,7 @@ __all__ = [
     "PreparedRecord",
     "assign_splits",
     "write_prepared_dataset",
+    "clean_stale_work_dirs",
     "read_manifest",
     "read_dataset_info",
 ]
@@ -176,7 +191,8 @@ def assign_splits(
         client_column: the column defining a federated client (``vendor``; ``dataset``
             or ``centre`` give other client definitions).
         clients: if given, clients that must be present (an absent one is an error).
-        allow_single_class: warn instead of failing on a single-class client.
+        allow_single_class: warn (a :class:`~medlora_lib.errors.DataWarning`) instead
+            of failing on a single-class client.
 
     Returns:
         A copy of ``df`` (same row order) with the ``split`` column set.
@@ -218,17 +234,26 @@ def assign_splits(
         counts = sub["label"].astype(int).value_counts().to_dict()
         n_healthy, n_disease = counts.get(0, 0), counts.get(1, 0)
         if n_healthy == 0 or n_disease == 0:
-            msg = (
+            counts_text = (
                 f"client {client!r} ({client_column}) has a single class: "
                 f"{n_healthy} healthy (label 0) and {n_disease} diseased (label 1) "
                 "subjects, so splits cannot be stratified and specificity or "
-                "sensitivity is undefined there. Fix: add a source with both classes "
-                "for this client (`--merge`), choose another client column, or allow "
-                "it explicitly (allow_single_class=True)."
+                "sensitivity is undefined there."
             )
             if not allow_single_class:
-                raise DataError(msg)
-            warnings.warn(msg, stacklevel=2)
+                raise DataError(
+                    f"{counts_text} Fix: add a source with both classes for this "
+                    "client (`--merge`), choose another client column, or allow it "
+                    "explicitly (allow_single_class=True)."
+                )
+            warnings.warn(
+                f"{counts_text} Written anyway; a federation with it as a site "
+                "refuses it unless fed.allow_single_class=true (or leave it out with "
+                f"fed.exclude={client}, or add a source with both classes with "
+                "`--merge`).",
+                DataWarning,
+                stacklevel=2,
+            )
         rng = _client_seed(seed, client)
         for label_value in sorted(sub["label"].astype(int).unique()):
             ids = sorted(sub.loc[sub["label"].astype(int) == label_value, "subject_id"])
@@ -341,26 +366,127 @@ def _preproc_key(info: dict) -> dict:
     }
 
 
-def _describe(info: dict) -> str:
+def _describe(info: dict, num_subjects: int | None = None) -> str:
     pre = _preproc_key(info)
     size = pre.get("image_size", info.get("image_size"))
     spacing = pre.get("target_spacing", pre.get("spacing", info.get("spacing")))
     text = f"sources {_source_names(info)}, image_size {size}, spacing {spacing}"
-    if "num_subjects" in info:
-        text += f", {info['num_subjects']} subjects"
+    n = info.get("num_subjects", num_subjects)
+    if n is not None:
+        text += f", {n} subjects"
     return text
 
 
+_SPLIT_DEFAULTS = {
+    "val_fraction": 0.15,
+    "test_fraction": 0.25,
+    "seed": 0,
+    "client_column": "vendor",
+}
+
+
+def _source_content(src: dict) -> dict:
+    """What defines a source's data (not where its raw download lies)."""
+    out = {k: v for k, v in src.items() if k != "raw_dir"}
+    if out.get("name") == "synthetic" and isinstance(out.get("config"), dict):
+        from medlora_lib.data.synthetic import SynthConfig
+
+        # a config written before a field existed had that field's default
+        out["config"] = {**SynthConfig().to_dict(), **out["config"]}
+    return json.loads(json.dumps(out, sort_keys=True, default=str))
+
+
+def _identity(info: dict) -> dict:
+    """What makes two prepared data sets the same (subjects apart; see the docstring)."""
+    from medlora_lib.data.preprocess import normalise_preprocessing
+
+    split = {**_SPLIT_DEFAULTS, **(info.get("split") or {})}
+    return {
+        "preprocessing": normalise_preprocessing(_preproc_key(info)),
+        "split": {k: split[k] for k in _SPLIT_DEFAULTS},
+        "sources": sorted(
+            (_source_content(s) for s in _sources(info)),
+            key=lambda d: json.dumps(d, sort_keys=True),
+        ),
+    }
+
+
+def _flat(tree: object, prefix: str = "") -> dict[str, object]:
+    if isinstance(tree, dict):
+        out: dict[str, object] = {}
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(tree, list) and tree and all(isinstance(v, dict) for v in tree):
+        out = {}
+        for i, v in enumerate(tree):
+            name = v.get("name", i) if isinstance(v, dict) else i
+            out.update(_flat(v, f"{prefix}[{name}]"))
+        return out
+    return {prefix: tree}
+
+
+def _differences(old: dict, new: dict, limit: int = 4) -> list[str]:
+    """``key: old there, new here`` for what differs between two identities."""
+    names_old = [str(s.get("name")) for s in old["sources"]]
+    names_new = [str(s.get("name")) for s in new["sources"]]
+    text = []
+    if names_old != names_new:
+        # other sources: their details would only repeat that
+        text.append(f"sources {names_old} there, {names_new} here")
+        old, new = dict(old, sources=[]), dict(new, sources=[])
+    a, b = _flat(old), _flat(new)
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k, "-") != b.get(k, "-")]
+    text += [
+        f"{k} {a.get(k, '(none)')!r} there, {b.get(k, '(none)')!r} here" for k in keys
+    ]
+    if len(text) > limit:
+        text = [*text[:limit], f"and {len(text) - limit} more"]
+    return text
+
+
+def _subject_differences(old: Sequence[str], new: Sequence[str]) -> str:
+    only_old = sorted(set(old) - set(new))
+    only_new = sorted(set(new) - set(old))
+    parts = [f"subjects: {len(set(old))} there, {len(set(new))} here"]
+    if only_old:
+        parts.append(f"{len(only_old)} only there (e.g. {', '.join(only_old[:3])})")
+    if only_new:
+        parts.append(f"{len(only_new)} only here (e.g. {', '.join(only_new[:3])})")
+    return "; ".join(parts)
+
+
+def _refuse_different(
+    out_dir: Path, old: dict, new: dict, what: list[str], n_new: int | None
+) -> DataError:
+    return DataError(
+        f"`{out_dir}` already holds a different data set ({_describe(old)}); this one "
+        f"has {_describe(new, n_new)}. They differ in: {'; '.join(what)}. Nothing was "
+        "changed. Use `--merge` to add a new source to it (the preprocessing must "
+        "match), `--overwrite` (overwrite=True) to replace it, or another folder."
+    )
+
+
 def _check_target(
-    out_dir: Path, info: dict, overwrite: bool, merge: bool
-) -> dict | None:
-    """Decide what to do with an existing ``out_dir``; return the info to merge into."""
+    out_dir: Path,
+    info: dict,
+    overwrite: bool,
+    merge: bool,
+    subject_ids: Sequence[str] | None = None,
+) -> tuple[dict | None, list[str] | None]:
+    """Decide what to do with an existing ``out_dir``.
+
+    Returns:
+        ``(info to merge into, subject ids of the same data set rebuilt in place)``;
+        the second is None unless ``out_dir`` holds this very data set, whose subjects
+        the written records must then match.
+    """
     if overwrite and merge:
         raise DataError("choose either overwrite or merge, not both.")
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"`{out_dir}` exists and is not a folder; choose another path.")
     if not out_dir.exists() or not any(out_dir.iterdir()):
-        return None
+        return None, None
     old = read_dataset_info(out_dir)
     has_manifest = (out_dir / "manifest.csv").is_file()
     if old is None and not has_manifest:
@@ -371,15 +497,19 @@ def _check_target(
         )
     if old is None:
         if overwrite:
-            return None
+            return None, None
         raise DataError(
             f"`{out_dir}` holds a manifest.csv but no dataset.json, so it cannot be "
             "checked against this data set. Use `--overwrite` to replace it or choose "
             "an empty folder."
         )
     if overwrite:
-        return None
-    same_pre = _preproc_key(old) == _preproc_key(info)
+        return None, None
+    from medlora_lib.data.preprocess import normalise_preprocessing
+
+    same_pre = normalise_preprocessing(_preproc_key(old)) == normalise_preprocessing(
+        _preproc_key(info)
+    )
     if merge:
         if not same_pre:
             raise DataError(
@@ -394,14 +524,20 @@ def _check_target(
                 f"cannot merge into `{out_dir}`: source(s) {clash} are already in it "
                 f"({_describe(old)}). Use `--overwrite` to rebuild, or merge a new source."
             )
-        return old
-    if same_pre and _source_names(old) == _source_names(info):
-        return None  # the same data set: rebuild in place
-    raise DataError(
-        f"`{out_dir}` already holds a different data set ({_describe(old)}); this one "
-        f"has {_describe(info)}. Use `--merge` to add it (the preprocessing must match),"
-        " `--overwrite` to replace it, or an empty folder."
-    )
+        return old, None
+    what = _differences(_identity(old), _identity(info))
+    try:
+        old_ids = read_manifest(out_dir, check_files=False)["subject_id"].tolist()
+    except DataError:
+        old_ids = None  # an unreadable manifest: only --overwrite can replace it
+        what.append("manifest.csv unreadable there")
+    n_new = None if subject_ids is None else len(set(subject_ids))
+    if old_ids is not None and subject_ids is not None:
+        if set(old_ids) != set(subject_ids):
+            what.append(_subject_differences(old_ids, subject_ids))
+    if what:
+        raise _refuse_different(out_dir, old, info, what, n_new)
+    return None, old_ids  # the same data set: rebuilt in place
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -411,6 +547,66 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+_WORK_NAME = re.compile(r"^(tmp|old)-(.+)-(\d+)-[0-9a-f]{8}$")
+
+
+def _work_dir(out_dir: Path, kind: str) -> Path:
+    """A hidden sibling of ``out_dir`` that names its owner (host and pid)."""
+    tag = uuid.uuid4().hex[:8]
+    return out_dir.parent / f".{out_dir.name}.{kind}-{_HOST}-{os.getpid()}-{tag}"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def clean_stale_work_dirs(out_dir: str | Path) -> list[Path]:
+    """Remove what a killed writer of ``out_dir`` left beside it; return what it removed.
+
+    Only ``.OUT_DIR.tmp-*`` / ``.OUT_DIR.old-*`` folders of this host whose process is
+    gone are touched. A left-over ``.old-*`` (the previous data set, moved aside just
+    before the kill) is moved back to ``OUT_DIR`` when ``OUT_DIR`` is missing. Each
+    action is reported on stderr.
+    """
+    out_dir = Path(out_dir).absolute()
+    if not out_dir.parent.is_dir():
+        return []
+    prefix = f".{out_dir.name}."
+    stale: list[tuple[str, Path, int]] = []
+    for entry in sorted(out_dir.parent.iterdir()):
+        if not entry.name.startswith(prefix) or not entry.is_dir():
+            continue
+        m = _WORK_NAME.match(entry.name[len(prefix) :])
+        if m is None or m.group(2) != _HOST or _process_alive(int(m.group(3))):
+            continue
+        stale.append((m.group(1), entry, int(m.group(3))))
+    removed = []
+    for kind, path, pid in sorted(stale, key=lambda t: t[0] != "old"):
+        if kind == "old" and not out_dir.exists():
+            os.replace(path, out_dir)
+            print(
+                f"note: put back `{out_dir}` from `{path.name}`: a write of it by "
+                f"process {pid} was killed while swapping folders",
+                file=sys.stderr,
+            )
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+        print(
+            f"note: removed `{path}`, left by an interrupted write of `{out_dir}` "
+            f"(process {pid} is gone)",
+            file=sys.stderr,
+        )
+    return removed
+
+
 def write_prepared_dataset(
     out_dir: str | Path,
     records: Iterable[PreparedRecord],
@@ -418,7 +614,8 @@ def write_prepared_dataset(
     overwrite: bool = False,
     merge: bool = False,
     *,
-    allow_single_class: bool = False,
+    allow_single_class: bool = True,
+    subject_ids: Sequence[str] | None = None,
 ) -> Path:
     """Write a prepared data folder atomically (see the module docstring).
 
@@ -434,7 +631,12 @@ def write_prepared_dataset(
         overwrite: replace a different data set already in ``out_dir``.
         merge: add these records to the data set in ``out_dir`` (same preprocessing,
             new sources); splits are recomputed over the merged manifest.
-        allow_single_class: passed to :func:`assign_splits`.
+        allow_single_class: passed to :func:`assign_splits`: True (default) writes a
+            single-class client with a warning, False refuses it.
+        subject_ids: the ids the records will have, when known before they are made
+            (the loaders scan first): a different data set in ``out_dir`` is then
+            refused before any preprocessing. Without it the ids are compared once the
+            records are written (and the new folder dropped if they differ).
 
     Returns:
         ``out_dir`` as a Path.
@@ -450,11 +652,12 @@ def write_prepared_dataset(
     split_cfg.update(info.get("split") or {})
     split_cfg.setdefault("client_column", "vendor")
     info["split"] = split_cfg
-    old_info = _check_target(out_dir, info, overwrite, merge)
+    clean_stale_work_dirs(out_dir)
+    old_info, same_ids = _check_target(out_dir, info, overwrite, merge, subject_ids)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    backup = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+    tmp = _work_dir(out_dir, "tmp")
+    backup = _work_dir(out_dir, "old")
     try:
         (tmp / "arrays").mkdir(parents=True)
         rows: list[dict] = []
@@ -496,6 +699,14 @@ def write_prepared_dataset(
             )
         if not rows:
             raise DataError("no subjects to write: the source produced no records.")
+        if same_ids is not None and set(same_ids) != seen:
+            raise _refuse_different(
+                out_dir,
+                read_dataset_info(out_dir) or {},
+                info,
+                [_subject_differences(same_ids, sorted(seen))],
+                len(seen),
+            )
         df = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
         df = assign_splits(
             df,

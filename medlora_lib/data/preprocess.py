@@ -469,11 +469,18 @@ def prepare_subjects(
         target_spacing=target_spacing,
         image_size=image_size,
         crop_fallback=crop_fallback,
+        crop=crop,
+        intensity=intensity,
         progress=progress,
         desc=desc,
     )
     out = write_prepared_dataset(
-        out_dir, records, info, overwrite=overwrite, merge=merge
+        out_dir,
+        records,
+        info,
+        overwrite=overwrite,
+        merge=merge,
+        subject_ids=[str(s.subject_id) for s in subjects],
     )
     if progress:
         summarise_prepared(out)

@@ -787,6 +787,7 @@ def make_synthetic(
             _prepared_records(config, int(workers)),
             _dataset_info(config),
             overwrite=overwrite,
+            subject_ids=[spec.subject_id for spec in cohort_plan(config)],
         )
     if layout == "acdc":
         cases = generate_cohort(config, with_cine=True, parts=("acdc",))

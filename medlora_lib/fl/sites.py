@@ -15,6 +15,11 @@ Sites are ordered canonically (vendors in :data:`~medlora_lib.data.manifest.VEND
 order, then the rest sorted), so a simulated SuperNode with ``partition-id`` *i* is always
 the same site. :func:`load_site` reads **only** that site's arrays.
 
+A site whose training subjects are all of one class (a vendor of the real M&Ms download
+may have only diseased subjects) is refused by :func:`check_site_classes` unless
+``fed.allow_single_class``: ``medlora prepare`` writes such data with a warning, because
+whether a vendor is a site depends on the federation, not on the data.
+
 :func:`split_into_sites` writes one folder per site from a prepared folder (links, not
 copies, where the file system allows): what each hospital of a loopback deployment, or a
 hospital engineer preparing a shared download, hands to its SuperNode.
@@ -39,6 +44,7 @@ __all__ = [
     "site_names",
     "load_site",
     "load_sites",
+    "check_site_classes",
     "folder_site",
     "split_into_sites",
 ]
@@ -81,6 +87,60 @@ def site_names(data_dir: str | Path, partition_by: str = "vendor") -> list[str]:
     return _ordered(set(site_of(manifest, partition_by)))
 
 
+def check_site_classes(
+    manifest: pd.DataFrame,
+    partition_by: str = "vendor",
+    sites: list[str] | None = None,
+    allow_single_class: bool = False,
+) -> list[str]:
+    """The sites whose training subjects are all of one class; refused unless allowed.
+
+    Args:
+        manifest: a prepared folder's manifest (``read_manifest``).
+        partition_by: ``fed.partition_by``.
+        sites: the sites to check (default: all of the manifest's).
+        allow_single_class: ``fed.allow_single_class``: only warn.
+
+    Returns:
+        The single-class sites (empty when there is none).
+
+    Raises:
+        DataError: a single-class site and ``allow_single_class`` is False (the message
+            names the site, its counts and the two ways on).
+    """
+    import warnings
+
+    from medlora_lib.errors import DataWarning
+
+    names = site_of(manifest, partition_by)
+    train = manifest["split"] == "train"
+    where = manifest.attrs.get("data_dir", "the prepared folder")
+    found = []
+    for site in sites if sites is not None else _ordered(set(names)):
+        labels = manifest.loc[(names == site) & train, "label"].astype(int)
+        if labels.empty or labels.nunique() > 1:
+            continue  # no training subject at all is reported by the callers
+        found.append(site)
+        n = int(labels.size)
+        text = (
+            f"site {site!r} (fed.partition_by={partition_by!r}) in {where} has "
+            f"{n if labels.iloc[0] == 0 else 0} healthy and "
+            f"{n if labels.iloc[0] == 1 else 0} diseased training subjects: one class "
+            "only, so its model cannot learn the other and its specificity or "
+            "sensitivity is undefined"
+        )
+        if not allow_single_class:
+            raise DataError(
+                f"{text}. Let it take part anyway with fed.allow_single_class=true "
+                f"(--set fed.allow_single_class=true, or --run-config "
+                f"'fed.allow-single-class=true'), leave it out with "
+                f"fed.exclude={site}, or add subjects of the other class "
+                "(medlora prepare ... --merge)"
+            )
+        warnings.warn(f"{text} (fed.allow_single_class=true)", DataWarning, 2)
+    return found
+
+
 def _load_rows(data_dir: Path, rows: pd.DataFrame, name: str):
     from medlora_lib.pipeline import ClientData
 
@@ -111,6 +171,8 @@ def load_site(
     site: str,
     partition_by: str = "vendor",
     image_size: tuple[int, int, int] | None = None,
+    *,
+    allow_single_class: bool = True,
 ):
     """One site's train / val / test arrays (and only that site's).
 
@@ -119,6 +181,10 @@ def load_site(
         site: the site's name (see :func:`site_names`).
         partition_by: ``fed.partition_by``.
         image_size: when given, every array must have this ``(H, W, D)``.
+        allow_single_class: ``fed.allow_single_class``; False refuses a site whose
+            training subjects are of one class (:func:`check_site_classes`). True by
+            default for callers that checked the whole folder already
+            (:func:`medlora_lib.pipeline.resolve_data_dir` does).
 
     Returns:
         A :class:`~medlora_lib.pipeline.ClientData`.
@@ -146,6 +212,8 @@ def load_site(
             f"(its splits: {sorted(cd.splits) or 'none'}); re-split the data "
             "(medlora prepare ... --overwrite) or leave the site out with fed.exclude"
         )
+    if not allow_single_class:
+        check_site_classes(manifest, partition_by, [site])
     if image_size is not None:
         want = (2, *image_size)
         for split, (x, _) in cd.splits.items():
@@ -164,9 +232,20 @@ def load_sites(
     sites: list[str],
     partition_by: str = "vendor",
     image_size: tuple[int, int, int] | None = None,
+    *,
+    allow_single_class: bool = True,
 ) -> dict:
     """:func:`load_site` for several sites of one folder (in-process runs)."""
-    return {s: load_site(data_dir, s, partition_by, image_size) for s in sites}
+    return {
+        s: load_site(
+            data_dir,
+            s,
+            partition_by,
+            image_size,
+            allow_single_class=allow_single_class,
+        )
+        for s in sites
+    }
 
 
 def folder_site(data_dir: str | Path, partition_by: str = "vendor") -> str:
