@@ -87,6 +87,14 @@ class DataConfig:
         "Training-time augmentation (disables the frozen-prefix cache).",
         default=False,
     )
+    split: Literal["per_seed", "fixed"] = _help(
+        "What a replicate (seed) varies: `per_seed` = each seed draws its own "
+        "stratified train / val / test split of every site (data.val_fraction, "
+        "data.test_fraction; seeded by `seed`), so intervals over seeds include the "
+        "sampling of the test set; `fixed` = the split written by `medlora prepare` / "
+        "`medlora synth` (an official or agreed split) for every seed.",
+        default="per_seed",
+    )
     crop: Literal["lv_centred", "shift_inside"] = _help(
         "In-plane crop around the LV centre at ED: `shift_inside` = CineMA's (the "
         "window is shifted back inside the image where it would leave it; the "
@@ -126,6 +134,12 @@ class DataConfig:
             self.val_fraction + self.test_fraction < 1,
             "data.val_fraction/test_fraction",
             "their sum must leave some training data (< 1)",
+        )
+        _check(
+            self.split in ("per_seed", "fixed"),
+            "data.split",
+            f"unknown value {self.split!r}; choose `per_seed` (each seed its own "
+            "split) or `fixed` (the prepared folder's split)",
         )
         _check(
             self.crop in ("lv_centred", "shift_inside"),

@@ -9,9 +9,10 @@ weighting and selection rule — and :func:`run_comparison` runs them through
 :func:`medlora_lib.fl.simulate` with ``use_cache=True`` (all federated runs inside one
 Flower simulation, ``local`` / ``centralized`` in-process). A later chapter that calls
 :func:`run_comparison` with the same arguments reads the cached results in seconds instead
-of training again. ``seed`` seeds the adapters' initialisation and the batch order; the data
-set and its splits are fixed by ``data.synth_seed`` (or are the real data), so seeds measure
-training variability on the same test subjects.
+of training again. ``seed`` seeds the adapters' initialisation, the batch order and — with
+``data.split="per_seed"`` (the default) — every site's train / val / test split, so a seed
+is a replicate that includes the sampling of the test set; the data set itself is fixed by
+``data.synth_seed`` (or is the real data).
 """
 
 from __future__ import annotations

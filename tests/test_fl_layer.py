@@ -61,6 +61,44 @@ def test_a_site_loads_only_its_own_arrays(smoke_dir, monkeypatch):
     assert sum(len(v) for v in cd.subjects.values()) == len(own)
 
 
+def test_each_replicate_draws_its_own_stratified_split(smoke_dir):
+    import warnings
+
+    from medlora_lib.fl.sites import load_options
+
+    m = pd.read_csv(smoke_dir / "manifest.csv")
+    site = m[m.vendor == "Siemens"]
+
+    def subjects(seed: int, split: str = "per_seed") -> dict[str, list[str]]:
+        cfg = get_config("smoke", seed=seed, overrides={"data.split": split})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cd = load_site(smoke_dir, "Siemens", **load_options(cfg))
+        return {k: sorted(v) for k, v in cd.subjects.items()}
+
+    a, b, again = subjects(0), subjects(1), subjects(0)
+    assert a == again  # seed-deterministic
+    assert a["test"] != b["test"]  # another replicate, another test set
+    for split in (a, b):  # every subject once, the sizes fixed by the fractions
+        assert sorted(sum(split.values(), [])) == sorted(site["subject_id"])
+        assert {k: len(v) for k, v in split.items()} == {
+            k: len(v) for k, v in a.items()
+        }
+    # each replicate keeps both classes in every split (stratified)
+    label = dict(zip(site["subject_id"], site["label"], strict=True))
+    for split in (a, b):
+        for ids in split.values():
+            assert {label[i] for i in ids} == {0, 1}
+    # data.split=fixed: the prepared folder's split, whatever the seed
+    fixed = {
+        k: sorted(site.loc[site["split"] == k, "subject_id"])
+        for k in ("train", "val", "test")
+    }
+    assert subjects(0, "fixed") == subjects(1, "fixed") == fixed
+    with pytest.raises(ConfigError, match="data.split"):
+        get_config("smoke", overrides={"data.split": "random"})
+
+
 def test_split_into_sites_and_folder_site(smoke_dir, tmp_path):
     out = split_into_sites(smoke_dir, tmp_path / "sites", "vendor")
     assert list(out) == ["Siemens", "Philips", "GE", "Canon"]

@@ -201,15 +201,16 @@ def _refuse_server_paths(ctx: SiteContext, node_config: dict[str, Any]) -> None:
 
 def _runtime(ctx: SiteContext):
     from medlora_lib.config import config_hash
-    from medlora_lib.fl.sites import load_site
+    from medlora_lib.fl.sites import load_options, load_site
     from medlora_lib.fl.task import ClientRuntime, get_runtime
 
     def build():
+        # a SuperNode checks its own site (no server-side resolve_data_dir here)
         data = load_site(
             ctx.data_path,
             ctx.data_site or ctx.site,
-            ctx.cfg.fed.partition_by,
-            tuple(ctx.cfg.data.image_size),
+            allow_single_class=ctx.cfg.fed.allow_single_class or not ctx.deployed,
+            **load_options(ctx.cfg),
         )
         return ClientRuntime.build(
             ctx.cfg, {ctx.site: data}, ctx.site, data_key=str(ctx.data_path)

@@ -85,7 +85,7 @@ def cross_vendor_matrix(
     from medlora_lib.fl.federation import InProcessSites, run_rounds
     from medlora_lib.fl.result import select_rounds
     from medlora_lib.fl.simulate import plan
-    from medlora_lib.fl.sites import load_sites
+    from medlora_lib.fl.sites import load_options, load_sites
     from medlora_lib.fl.task import ClientRuntime
 
     cfg = _as_local(cfg)
@@ -97,9 +97,7 @@ def cross_vendor_matrix(
         return pd.read_csv(cache)
 
     names = list(p.sites)
-    data = load_sites(
-        p.data_dir, names, cfg.fed.partition_by, tuple(cfg.data.image_size)
-    )
+    data = load_sites(p.data_dir, names, **load_options(cfg))
     runtimes = {
         n: ClientRuntime.build(cfg, data, n, data_key=str(p.data_dir)) for n in names
     }

@@ -63,7 +63,7 @@ def join_new_site(
     from medlora_lib.fl.federation import InProcessSites, run_rounds
     from medlora_lib.fl.result import build_result
     from medlora_lib.fl.simulate import plan
-    from medlora_lib.fl.sites import load_site
+    from medlora_lib.fl.sites import load_options, load_site
     from medlora_lib.fl.task import ClientRuntime
 
     cfg: ExperimentConfig = federation.config
@@ -92,11 +92,7 @@ def join_new_site(
             f"(sites: {p.sites})"
         )
     t0 = time.perf_counter()
-    data = {
-        newcomer: load_site(
-            p.data_dir, newcomer, cfg.fed.partition_by, tuple(cfg.data.image_size)
-        )
-    }
+    data = {newcomer: load_site(p.data_dir, newcomer, **load_options(cfg))}
     rt = ClientRuntime.build(join_cfg, data, newcomer, data_key=str(p.data_dir))
     frozen = []
     for name, param in rt.model.named_parameters():

@@ -140,12 +140,10 @@ def run_inprocess(p: Planned, verbose: bool = False) -> RunResult:
     """
     from medlora_lib.adapters import METHODS, get_shared_state
     from medlora_lib.fl.federation import run_in_process
-    from medlora_lib.fl.sites import load_sites
+    from medlora_lib.fl.sites import load_options, load_sites
 
     cfg = p.cfg
-    data = load_sites(
-        p.data_dir, p.sites, cfg.fed.partition_by, tuple(cfg.data.image_size)
-    )
+    data = load_sites(p.data_dir, p.sites, **load_options(cfg))
     key = str(p.data_dir)
     if METHODS[cfg.method].pooled:
         runtimes = {"pooled": ClientRuntime.build(cfg, data, None, data_key=key)}

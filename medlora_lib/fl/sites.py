@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -44,6 +45,7 @@ __all__ = [
     "site_names",
     "load_site",
     "load_sites",
+    "load_options",
     "check_site_classes",
     "folder_site",
     "split_into_sites",
@@ -173,6 +175,7 @@ def load_site(
     image_size: tuple[int, int, int] | None = None,
     *,
     allow_single_class: bool = True,
+    resplit: tuple[int, float, float] | None = None,
 ):
     """One site's train / val / test arrays (and only that site's).
 
@@ -185,6 +188,10 @@ def load_site(
             training subjects are of one class (:func:`check_site_classes`). True by
             default for callers that checked the whole folder already
             (:func:`medlora_lib.pipeline.resolve_data_dir` does).
+        resplit: ``(seed, val_fraction, test_fraction)``: draw this site's own
+            stratified split (:func:`~medlora_lib.data.manifest.assign_splits`)
+            instead of the folder's (``data.split="per_seed"``, see
+            :func:`load_options`). ``None``: the prepared folder's split.
 
     Returns:
         A :class:`~medlora_lib.pipeline.ClientData`.
@@ -205,6 +212,8 @@ def load_site(
             f"(fed.partition_by={partition_by!r}; its sites: "
             f"{', '.join(_ordered(set(names))) or 'none'})"
         )
+    if resplit is not None:
+        rows = _resplit(rows, site, *resplit)
     cd = _load_rows(data_dir, rows, site)
     if not cd.num_examples("train"):
         raise DataError(
@@ -234,6 +243,7 @@ def load_sites(
     image_size: tuple[int, int, int] | None = None,
     *,
     allow_single_class: bool = True,
+    resplit: tuple[int, float, float] | None = None,
 ) -> dict:
     """:func:`load_site` for several sites of one folder (in-process runs)."""
     return {
@@ -243,9 +253,47 @@ def load_sites(
             partition_by,
             image_size,
             allow_single_class=allow_single_class,
+            resplit=resplit,
         )
         for s in sites
     }
+
+
+def load_options(cfg: Any) -> dict[str, Any]:
+    """The :func:`load_site` arguments of an experiment: partition, image size and —
+    with ``data.split="per_seed"`` — the replicate's own split, seeded by ``cfg.seed``
+    (chapters ``03_fedavg_lora`` to ``07``: what a replicate varies)."""
+    return {
+        "partition_by": cfg.fed.partition_by,
+        "image_size": tuple(cfg.data.image_size),
+        "resplit": (
+            (int(cfg.seed), cfg.data.val_fraction, cfg.data.test_fraction)
+            if cfg.data.split == "per_seed"
+            else None
+        ),
+    }
+
+
+def _resplit(
+    rows: pd.DataFrame, site: str, seed: int, val_fraction: float, test_fraction: float
+) -> pd.DataFrame:
+    """``rows`` (one site) with a fresh stratified split drawn with ``seed``."""
+    import warnings
+
+    from medlora_lib.data.manifest import assign_splits
+    from medlora_lib.errors import DataWarning
+
+    with warnings.catch_warnings():
+        # a single-class site was refused or allowed (and said so) by check_site_classes
+        warnings.simplefilter("ignore", DataWarning)
+        return assign_splits(
+            rows.assign(_site=site),
+            val_fraction,
+            test_fraction,
+            seed=seed,
+            client_column="_site",
+            allow_single_class=True,
+        ).drop(columns="_site")
 
 
 def folder_site(data_dir: str | Path, partition_by: str = "vendor") -> str:
