@@ -4,7 +4,9 @@ Chapters ``notebooks/00_foundation_model_and_lora`` to ``07_beyond_the_paper``:
 :func:`setup` silences the two known harmless warnings, sets the book's plot and table
 style and prints the versions, the machine and the cache the chapter runs with;
 :func:`describe_profile` prints the profile and the key values of the configuration that
-produce the chapter's numbers, next to the chapter's own parameters.
+produce the chapter's numbers, next to the chapter's own parameters; :func:`glue` hands a
+value to the book's ``{glue}`` roles and still runs where the book's tools are not
+installed (Colab, ``book/gpu_colab.md``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-__all__ = ["KNOWN_NOISE", "setup", "describe_profile"]
+__all__ = ["KNOWN_NOISE", "setup", "describe_profile", "glue"]
 
 #: Warnings that say nothing about the results (no ipywidgets; a split with one class).
 KNOWN_NOISE = ("IProgress not found", "y_pred contains classes not in y_true")
@@ -98,3 +100,32 @@ def describe_profile(config: Any, **parameters: Any) -> dict:
     for k, v in key.items():
         print(f"{k:>{width}}  {v}")
     return key
+
+
+def glue(name: str, value: Any, display: bool = True) -> None:
+    """Hand ``value`` to the book's ``{glue}`` roles under ``name``.
+
+    With ``myst_nb`` installed (the ``[book]`` extra: ``make book``, papermill) this is
+    ``myst_nb.glue(name, value, display=display)``: the rendered page shows the value
+    where the prose writes ``{glue:text}`name```. Without it (a plain ``pip install``,
+    Colab) the prose's roles are not rendered, so the value is shown in the cell's
+    output instead, labelled with its name, whatever ``display`` says: the chapter runs
+    and the reader still sees the number the text refers to. Chapters 00, 01 and 04
+    use it (``from medlora_lib.notebook import glue``).
+    """
+    try:
+        from myst_nb import glue as myst_glue
+    except ImportError:
+        _show(name, value)
+        return
+    myst_glue(name, value, display=display)
+
+
+def _show(name: str, value: Any) -> None:
+    try:
+        from IPython.display import display
+    except ImportError:  # plain Python, no kernel
+        print(f"{name}: {value!r}")
+        return
+    print(f"{name}:")
+    display(value)
