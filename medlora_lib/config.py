@@ -26,6 +26,7 @@ __all__ = [
     "ModelConfig",
     "TrainConfig",
     "FedConfig",
+    "PrivacyConfig",
     "AdapterSection",
     "RunOptions",
     "ExperimentConfig",
@@ -290,6 +291,173 @@ class FedConfig:
         _check(self.connect_timeout > 0, "fed.connect_timeout", "must be > 0 seconds")
 
 
+@dataclass
+class PrivacyConfig:
+    """Differential privacy, secure aggregation and what a site reports (chapter
+    ``notebooks/08_privacy``; ``book/deployment.md``).
+
+    Everything is off by default, and off changes nothing: a config whose privacy
+    section holds only defaults leaves it out of :meth:`ExperimentConfig.to_dict` (and
+    so out of its hash), and no message carries a privacy key.
+    """
+
+    site_dp: Literal[
+        "off", "server_fixed", "client_fixed", "server_adaptive", "client_adaptive"
+    ] = _help(
+        "Site-level (central) DP on the shared update, with Flower's strategy wrappers: "
+        "the update of the shared tensors (received -> trained) of each site is clipped "
+        "(`server_*`: by the server, `client_*`: at the site by Flower's clipping mods) "
+        "and Gaussian noise is added to their mean. `*_adaptive` adapts the clipping "
+        "norm to a quantile of the update norms (Andrew et al. 2021). Protects a whole "
+        "site; the mean is then unweighted so that the noise fits the sensitivity.",
+        default="off",
+    )
+    noise_multiplier: float = _help(
+        "Site-level DP: noise standard deviation / clipping norm (z).", default=1.0
+    )
+    clipping_norm: float = _help(
+        "Site-level DP: L2 clipping norm of a site's update (the initial norm with "
+        "adaptive clipping).",
+        default=1.0,
+    )
+    target_quantile: float = _help(
+        "Adaptive clipping: the quantile of update norms the clipping norm tracks.",
+        default=0.5,
+    )
+    clip_lr: float = _help("Adaptive clipping: learning rate of the norm.", default=0.2)
+    dp_sgd: bool = _help(
+        "Sample-level DP-SGD at every site with Opacus (per-sample gradients of the "
+        "trainable LoRA / head tensors, clipped and noised; Poisson-sampled batches). "
+        "Protects each patient of each site.",
+        default=False,
+    )
+    sgd_noise_multiplier: float = _help(
+        "DP-SGD: noise standard deviation / max_grad_norm (ignored when "
+        "privacy.target_epsilon > 0: Opacus then chooses it).",
+        default=1.0,
+    )
+    sgd_max_grad_norm: float = _help(
+        "DP-SGD: per-sample gradient L2 clipping norm.", default=1.0
+    )
+    target_epsilon: float = _help(
+        "0 = none. DP-SGD: the noise multiplier is chosen (Opacus) so that a site "
+        "spends this epsilon over all fed.num_rounds rounds; site-level DP: the run "
+        "is refused if fed.num_rounds rounds at privacy.noise_multiplier would spend "
+        "more.",
+        default=0.0,
+    )
+    delta: float = _help(
+        "The delta at which epsilon is reported (choose < 1/records protected).",
+        default=1e-5,
+    )
+    accountant: Literal["rdp", "prv"] = _help(
+        "DP-SGD privacy accountant (Opacus): `rdp` (Renyi DP) or `prv` (privacy loss "
+        "random variables, tighter). Site-level DP uses Flower's RDP accountant.",
+        default="rdp",
+    )
+    secagg: bool = _help(
+        "Secure aggregation (Flower's SecAgg+): the server sees only the sum of the "
+        "sites' shared updates, never one site's.",
+        default=False,
+    )
+    secagg_shares: float = _help(
+        "SecAgg+: shares of each secret (a fraction of the sites, or a count > 1).",
+        default=1.0,
+    )
+    secagg_threshold: float = _help(
+        "SecAgg+: shares needed to reconstruct (a fraction of the shares, or a "
+        "count > 1); fewer answering sites abort the round.",
+        default=0.66,
+    )
+    secagg_clipping_range: float = _help(
+        "SecAgg+: values are clipped to [-range, range] before quantisation.",
+        default=8.0,
+    )
+    secagg_quantization_range: int = _help(
+        "SecAgg+: quantisation levels of the clipped range.", default=4194304
+    )
+    metrics: Literal["full", "minimal"] = _help(
+        "What a site reports: `full` = every metric with the confusion counts of its "
+        "val and test splits; `minimal` = only what the server needs (validation "
+        "selection metric, examples, loss) — the default to use in deployments.",
+        default="full",
+    )
+
+    def __post_init__(self) -> None:
+        modes = (
+            "off",
+            "server_fixed",
+            "client_fixed",
+            "server_adaptive",
+            "client_adaptive",
+        )
+        _check(
+            self.site_dp in modes,
+            "privacy.site_dp",
+            f"unknown value {self.site_dp!r}; choose one of {', '.join(modes)}",
+        )
+        _check(
+            self.noise_multiplier >= 0,
+            "privacy.noise_multiplier",
+            f"must be >= 0 (got {self.noise_multiplier}); 1.0 or more for a useful "
+            "guarantee",
+        )
+        _check(
+            self.clipping_norm > 0,
+            "privacy.clipping_norm",
+            f"must be > 0 (got {self.clipping_norm}); e.g. 1.0",
+        )
+        _check(
+            0 <= self.target_quantile <= 1,
+            "privacy.target_quantile",
+            "must be in [0, 1]",
+        )
+        _check(self.clip_lr > 0, "privacy.clip_lr", "must be > 0")
+        _check(
+            self.sgd_noise_multiplier >= 0,
+            "privacy.sgd_noise_multiplier",
+            f"must be >= 0 (got {self.sgd_noise_multiplier})",
+        )
+        _check(
+            self.sgd_max_grad_norm > 0,
+            "privacy.sgd_max_grad_norm",
+            f"must be > 0 (got {self.sgd_max_grad_norm}); e.g. 1.0",
+        )
+        _check(
+            self.target_epsilon >= 0,
+            "privacy.target_epsilon",
+            "must be >= 0 (0 = no target)",
+        )
+        _check(0 < self.delta < 1, "privacy.delta", "must be in (0, 1), e.g. 1e-5")
+        _check(
+            self.accountant in ("rdp", "prv"),
+            "privacy.accountant",
+            f"unknown value {self.accountant!r}; choose `rdp` or `prv`",
+        )
+        _check(self.secagg_shares > 0, "privacy.secagg_shares", "must be > 0")
+        _check(self.secagg_threshold > 0, "privacy.secagg_threshold", "must be > 0")
+        _check(
+            self.secagg_clipping_range > 0,
+            "privacy.secagg_clipping_range",
+            "must be > 0",
+        )
+        _check(
+            self.secagg_quantization_range > 1,
+            "privacy.secagg_quantization_range",
+            "must be > 1",
+        )
+        _check(
+            self.metrics in ("full", "minimal"),
+            "privacy.metrics",
+            f"unknown value {self.metrics!r}; choose `full` or `minimal`",
+        )
+
+    @property
+    def active(self) -> bool:
+        """Whether any DP or secure aggregation is requested."""
+        return self.site_dp != "off" or self.dp_sgd or self.secagg
+
+
 #: The linears of a CineMA block that LoRA can adapt.
 LORA_TARGETS = ("attn.q", "attn.kv", "attn.proj", "mlp.fc1", "mlp.fc2")
 
@@ -391,6 +559,7 @@ class ExperimentConfig:
     adapter: AdapterSection = field(default_factory=AdapterSection)
     train: TrainConfig = field(default_factory=TrainConfig)
     fed: FedConfig = field(default_factory=FedConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
         _check(
@@ -404,6 +573,43 @@ class ExperimentConfig:
             f"expected an integer, got {self.seed!r}",
         )
         self.adapter_config()  # validates the adapter section against the method
+        self._check_privacy()
+
+    def _check_privacy(self) -> None:
+        from medlora_lib.adapters import METHODS
+
+        p = self.privacy
+        if not p.active:
+            return
+        spec = METHODS.get(self.method)
+        if spec is not None and not spec.federated:
+            asked = [
+                k
+                for k, on in (
+                    ("privacy.site_dp", p.site_dp != "off"),
+                    ("privacy.dp_sgd", p.dp_sgd),
+                    ("privacy.secagg", p.secagg),
+                )
+                if on
+            ]
+            raise ConfigError(
+                f"config field `{asked[0]}`: method {self.method!r} sends no messages "
+                "(nothing leaves a site, so there is nothing to protect in transit); "
+                "use a federated method or switch it off"
+            )
+        if p.secagg and p.site_dp.startswith("server_"):
+            raise ConfigError(
+                "config field `privacy.site_dp`: server-side clipping needs each "
+                "site's update, which secure aggregation hides from the server; use "
+                "privacy.site_dp='client_fixed' or 'client_adaptive' with "
+                "privacy.secagg=true"
+            )
+        if p.site_dp != "off" and p.noise_multiplier == 0:
+            raise ConfigError(
+                "config field `privacy.noise_multiplier`: 0 adds no noise, so site-level "
+                "DP would clip without any guarantee; use a value > 0 (1.0 or more) "
+                "or privacy.site_dp='off'"
+            )
 
     def adapter_config(self, method: str | None = None) -> Any:
         """The :class:`~medlora_lib.adapters.AdapterConfig` of this experiment.
@@ -433,8 +639,15 @@ class ExperimentConfig:
             raise ConfigError(f"config field `{where}`: {text}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dictionary (tuples become lists)."""
-        return json.loads(json.dumps(asdict(self)))
+        """A JSON-serialisable dictionary (tuples become lists).
+
+        The ``privacy`` section is left out while it holds only defaults (everything
+        off), so results and hashes of non-private runs are those of before it existed.
+        """
+        d = json.loads(json.dumps(asdict(self)))
+        if self.privacy == PrivacyConfig():
+            d.pop("privacy")
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ExperimentConfig:
@@ -449,6 +662,7 @@ class ExperimentConfig:
             "adapter": (AdapterSection, d.get("adapter", {})),
             "train": (TrainConfig, d.get("train", {})),
             "fed": (FedConfig, fed),
+            "privacy": (PrivacyConfig, d.get("privacy", {})),
         }
         built = {}
         for name, (klass, values) in sections.items():
@@ -545,6 +759,7 @@ _SECTIONS: dict[str, type] = {
     "adapter": AdapterSection,
     "train": TrainConfig,
     "fed": FedConfig,
+    "privacy": PrivacyConfig,
 }
 _TOP_LEVEL = ("profile", "method", "seed")
 
@@ -715,7 +930,7 @@ def get_config(
             raise ConfigError(
                 f"config key `{k}` does not exist"
                 + _nearest(k, valid)
-                + "; use method, seed, profile or data./model./adapter./train./fed."
+                + "; use method, seed, profile or data./model./adapter./train./fed./privacy."
             )
         _set_dotted(tree, k, v)
     return ExperimentConfig.from_dict(tree)
