@@ -50,13 +50,14 @@ from flwr.clientapp import ClientApp
 
 from medlora_lib.config import experiment_of
 from medlora_lib.errors import ConfigError, DataError
+from medlora_lib.fl.mods import privacy_mod
 from medlora_lib.fl.strategies import PREV_EVAL_PREFIX
 
 __all__ = ["app", "SiteContext", "site_context", "PREV_EVAL_PREFIX", "SiteError"]
 
 NODE_KEYS = ("data-path", "state-dir", "model-path", "site-name")
 
-app = ClientApp()
+app = ClientApp(mods=[privacy_mod])
 
 
 class SiteError(RuntimeError):
