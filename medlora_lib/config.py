@@ -376,11 +376,13 @@ class PrivacyConfig:
     secagg_quantization_range: int = _help(
         "SecAgg+: quantisation levels of the clipped range.", default=4194304
     )
-    metrics: Literal["full", "minimal"] = _help(
-        "What a site reports: `full` = every metric with the confusion counts of its "
-        "val and test splits; `minimal` = only what the server needs (validation "
-        "selection metric, examples, loss) — the default to use in deployments.",
-        default="full",
+    metrics: Literal["auto", "full", "minimal"] = _help(
+        "What a site reports: `full` = every metric of its val and test splits with "
+        "their confusion counts (what the book's tables need); `minimal` = only what "
+        "the server needs (the validation selection metric and the validation count; "
+        "test metrics stay in the site's own state folder); `auto` = `minimal` on a "
+        "deployed SuperNode (one with a data-path), `full` in the Simulation Runtime.",
+        default="auto",
     )
 
     def __post_init__(self) -> None:
@@ -447,9 +449,9 @@ class PrivacyConfig:
             "must be > 1",
         )
         _check(
-            self.metrics in ("full", "minimal"),
+            self.metrics in ("auto", "full", "minimal"),
             "privacy.metrics",
-            f"unknown value {self.metrics!r}; choose `full` or `minimal`",
+            f"unknown value {self.metrics!r}; choose `auto`, `full` or `minimal`",
         )
 
     @property

@@ -306,6 +306,23 @@ def _selection(ctx: SiteContext, metrics: dict[str, float]) -> float | None:
 _LAST_KEEP_S = [0.0]
 
 
+def reported_metrics(ctx: SiteContext, metrics: dict[str, float]) -> dict[str, float]:
+    """What the site sends of its evaluation (``privacy.metrics``).
+
+    ``full``: everything (val and test metrics, confusion counts); ``minimal``: the
+    validation selection metric and the validation count only — the test metrics and
+    confusion counts stay in the site's state folder (its ``last`` / ``best`` model
+    records). ``auto``: ``minimal`` on a deployed SuperNode, ``full`` in simulation.
+    """
+    mode = ctx.cfg.privacy.metrics
+    if mode == "auto":
+        mode = "minimal" if ctx.deployed else "full"
+    if mode == "full":
+        return metrics
+    keep = (f"val_{ctx.cfg.train.selection_metric}", "val_n")
+    return {k: metrics[k] for k in keep if k in metrics}
+
+
 def _evaluate_and_keep(
     ctx, rt, store, run_key, rnd, shared, private
 ) -> dict[str, float]:
@@ -327,7 +344,7 @@ def _evaluate_and_keep(
     if value is not None and (best is None or value > best):
         store.save_deployed(run_key, "best", shared, current, meta, rt.model)
     _LAST_KEEP_S[0] = time.perf_counter() - t0
-    return metrics
+    return reported_metrics(ctx, metrics)
 
 
 def _private_before(store, run_key: str, rnd: int, say: bool = False):

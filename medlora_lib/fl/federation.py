@@ -62,11 +62,19 @@ class SiteReply:
 
 @dataclass
 class RoundOutcome:
-    """Replies of one step: ``{site: reply}``, the failures and the per-site bytes."""
+    """Replies of one step: ``{site: reply}``, the failures and the per-site bytes.
+
+    A transport whose strategy aggregates (the ServerApp's: Flower's DP wrappers, or
+    SecAgg+, where the server never holds one site's update) sets ``aggregate``; the
+    round loop then uses it instead of averaging the replies. ``round_metrics`` (e.g.
+    the site-level ε spent so far) go into every row of the round.
+    """
 
     replies: dict[str, Any]
     failures: list[dict[str, Any]] = field(default_factory=list)
     bytes: dict[str, dict[str, int]] = field(default_factory=dict)
+    aggregate: dict[str, torch.Tensor] | None = None
+    round_metrics: dict[str, float] = field(default_factory=dict)
 
 
 class Transport(Protocol):
@@ -318,8 +326,9 @@ def run_rounds(
                 r = row(rnd, client)
                 r.update(rep.train)
                 r.update(out.bytes.get(site, {}))
+                r.update(out.round_metrics)
                 r["elapsed_s"] = elapsed
-        shared = agg(out.replies)
+        shared = out.aggregate if out.aggregate is not None else agg(out.replies)
         if checkpoint is not None:
             t_ck = time.perf_counter()
             checkpoint(rnd, shared, _sorted(table), fails)

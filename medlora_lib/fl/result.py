@@ -48,6 +48,7 @@ class RunResult:
         seconds: wall time of the experiment.
         failures: sites that failed or did not answer (round, phase, site, reason).
         messages: summaries of every message (only with ``record_messages=True``).
+        privacy: with DP on, the ε spent (:func:`privacy_summary`); empty otherwise.
     """
 
     config: ExperimentConfig
@@ -60,6 +61,7 @@ class RunResult:
     messages: list[dict[str, Any]] = field(default_factory=list)
     exp_id: str = ""
     final_shared: dict[str, torch.Tensor] | None = None
+    privacy: dict[str, Any] = field(default_factory=dict)
 
     @property
     def method(self) -> str:
@@ -77,7 +79,7 @@ class RunResult:
         )
 
     def to_json_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "exp_id": self.exp_id,
             "method": self.method,
             "config": self.config.to_dict(),
@@ -87,6 +89,9 @@ class RunResult:
             "seconds": self.seconds,
             "failures": self.failures,
         }
+        if self.privacy:
+            d["privacy"] = self.privacy
+        return d
 
     def save(self, out_dir: str | Path) -> Path:
         """Write ``rounds.csv`` (+ ``final_shared.safetensors``, ``messages.json``) and,
@@ -130,6 +135,7 @@ class RunResult:
             else [],
             exp_id=d.get("exp_id", ""),
             final_shared=state,
+            privacy=d.get("privacy", {}),
         )
 
 
@@ -147,6 +153,36 @@ def steady_seconds_per_round(rounds: pd.DataFrame) -> float:
 
 
 # ------------------------------------------------------------------------------ assembly
+#: Per-round ε columns of ``rounds.csv``: site-level DP (server, the same for every
+#: site) and DP-SGD (each site's own accountant).
+EPSILON_COLUMNS = ("site_dp_epsilon", "dp_sgd_epsilon")
+
+
+def privacy_summary(cfg: ExperimentConfig, rounds: pd.DataFrame) -> dict[str, Any]:
+    """The ε a run spent, from its per-round rows (empty when no DP was on).
+
+    ``site_dp``: ε of the site-level guarantee after the last round (a whole site);
+    ``dp_sgd``: per site, the ε its patients' records spent (max over rounds = last).
+    """
+    p = cfg.privacy
+    if not (p.site_dp != "off" or p.dp_sgd or p.secagg):
+        return {}
+    out: dict[str, Any] = {
+        "delta": p.delta,
+        "site_dp": p.site_dp,
+        "dp_sgd": p.dp_sgd,
+        "secagg": p.secagg,
+    }
+    if "site_dp_epsilon" in rounds and rounds["site_dp_epsilon"].notna().any():
+        out["site_dp_epsilon"] = float(rounds["site_dp_epsilon"].max())
+        out["site_dp_noise_multiplier"] = p.noise_multiplier
+    if "dp_sgd_epsilon" in rounds and rounds["dp_sgd_epsilon"].notna().any():
+        per = rounds.groupby("client")["dp_sgd_epsilon"].max().dropna()
+        out["dp_sgd_epsilon"] = {str(k): float(v) for k, v in per.items()}
+        out["dp_sgd_epsilon_max"] = float(per.max())
+    return out
+
+
 def _pooled(rows: pd.DataFrame, prefix: str) -> dict[str, float]:
     tp, tn, fp, fn = (
         float(rows[f"{prefix}test_{k}"].sum()) for k in ("tp", "tn", "fp", "fn")
@@ -330,4 +366,5 @@ def build_result(
         messages=list(messages or []),
         exp_id=exp_id,
         final_shared=final_shared,
+        privacy=privacy_summary(cfg, rounds),
     )

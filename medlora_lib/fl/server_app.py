@@ -70,10 +70,16 @@ class GridSites:
         strategy: MedloraFedAvg,
         record_messages: bool = False,
         label: str = "",
+        aggregator: Any = None,
+        dp_accountant: Any = None,
     ) -> None:
         self.grid = grid
         self.cfg = cfg
         self.strategy = strategy
+        # what configures the train messages and aggregates the replies: the strategy,
+        # or Flower's DP wrapper around it (privacy.site_dp)
+        self.aggregator = aggregator if aggregator is not None else strategy
+        self.dp_accountant = dp_accountant
         self.record_messages = record_messages
         self.label = label
         self.node_site: dict[int, str] = {}
@@ -336,7 +342,7 @@ class GridSites:
         """The strategy's messages of ``phase`` to ``sites``, sent; their replies."""
         arrays = ArrayRecord(shared)
         self.strategy.nodes = [self._node(s) for s in sites]
-        configure = getattr(self.strategy, f"configure_{phase}")
+        configure = getattr(self.aggregator, f"configure_{phase}")
         config = self.strategy.round_config(rnd, evaluate_first)
         msgs = list(configure(rnd, arrays, config, self.grid))
         replies, failures = self._exchange(
@@ -384,7 +390,38 @@ class GridSites:
                 "bytes_up": payload_bytes(arrays_up),
                 "wire_bytes_up": wire_bytes(arrays_up),
             }
+        self._aggregate(rnd, [replies[s] for s in sites if s in replies], out)
         return out
+
+    def _aggregate(self, rnd: int, ordered: list[Message], out: RoundOutcome) -> None:
+        """The strategy's (or its DP wrapper's) aggregate of the replies, in site order;
+        with site-level DP also the ε spent so far (``site_dp_epsilon``)."""
+        if not ordered:
+            return
+        agg = self.aggregator
+        dp = agg is not self.strategy
+        seed = None
+        if dp:
+            agg.num_sampled_clients = len(ordered)  # the noise fits the m averaged
+            out.round_metrics["site_dp_clipping_norm"] = float(agg.clipping_norm)
+            if type(self.grid).__name__ == "InMemoryGrid":  # reproducible simulation
+                from medlora_lib.fl.task import round_seed
+
+                seed = round_seed(self.cfg.seed, "server-dp", rnd)
+        from medlora_lib.fl.site_dp import seeded_noise
+
+        with seeded_noise(seed):
+            arrays, _ = agg.aggregate_train(rnd, ordered)
+        if arrays is None:
+            raise FederationError(
+                f"round {rnd}: the strategy returned no aggregate of "
+                f"{len(ordered)} replies"
+            )
+        out.aggregate = arrays.to_torch_state_dict()
+        if self.dp_accountant is not None:
+            out.round_metrics["site_dp_epsilon"] = self.dp_accountant.compose(
+                rnd, len(ordered)
+            )
 
     def evaluate(self, rnd: int, sites: list[str], shared: dict) -> RoundOutcome:
         from medlora_lib.comm import payload_bytes
@@ -421,6 +458,9 @@ def run_experiment(grid: Grid, cfg: Any, options: Any, index: int = 0) -> Path:
     from medlora_lib.results import read_json
 
     validate_config(cfg)
+    from medlora_lib.fl.site_dp import check_site_dp_budget
+
+    check_site_dp_budget(cfg)
     if not METHODS[cfg.method].federated:
         raise ConfigError(
             f"method {cfg.method!r} is not federated (no server); run it with "
@@ -459,12 +499,14 @@ def run_experiment(grid: Grid, cfg: Any, options: Any, index: int = 0) -> Path:
         else f"{cfg.method}-{config_hash(cfg, 8)}-{uuid.uuid4().hex[:8]}"
     )
     initial = ckpt.shared if ckpt else get_shared_state(build_adapted_model(cfg))
+    site_dp = cfg.privacy.site_dp != "off"
     strategy = MedloraFedAvg(
         lr=cfg.train.lr,
         proximal_mu=cfg.fed.proximal_mu if METHODS[cfg.method].proximal else 0.0,
         run_key=run_key,
         experiment=index,
         message_ttl=cfg.fed.round_timeout,
+        uniform=site_dp,
     )
     transport = GridSites(grid, cfg, strategy, options.record_messages, label)
     if ckpt is not None:
@@ -473,6 +515,33 @@ def run_experiment(grid: Grid, cfg: Any, options: Any, index: int = 0) -> Path:
     before = float(ckpt.extra.get("seconds", 0.0)) if ckpt else 0.0
     sites = transport.connect()
     print(f"[{label}] sites: {', '.join(sites)}", flush=True)
+    if site_dp:
+        from medlora_lib.fl.site_dp import SiteDPAccountant, wrap_strategy
+
+        extra = ckpt.extra if ckpt else {}
+        transport.aggregator = wrap_strategy(strategy, cfg.privacy, len(sites))
+        if "site_dp_clipping_norm" in extra:  # adaptive clipping: where it had got to
+            transport.aggregator.clipping_norm = float(extra["site_dp_clipping_norm"])
+        transport.dp_accountant = SiteDPAccountant(
+            cfg.privacy.noise_multiplier,
+            cfg.privacy.delta,
+            len(sites),
+            extra.get("site_dp_releases"),
+        )
+        print(
+            f"[{label}] site-level DP ({cfg.privacy.site_dp}): z="
+            f"{cfg.privacy.noise_multiplier:g}, C={cfg.privacy.clipping_norm:g}, "
+            f"unweighted mean of the sites",
+            flush=True,
+        )
+
+    def dp_extra() -> dict[str, Any]:
+        if transport.dp_accountant is None:
+            return {}
+        return {
+            "site_dp_releases": transport.dp_accountant.releases,
+            "site_dp_clipping_norm": float(transport.aggregator.clipping_norm),
+        }
 
     def checkpoint(rnd: int, shared: dict, rows: list, fails: list) -> None:
         save_checkpoint(
@@ -485,7 +554,7 @@ def run_experiment(grid: Grid, cfg: Any, options: Any, index: int = 0) -> Path:
                 rows=rows,
                 failures=fails,
                 messages=transport.messages,
-                extra={"seconds": before + time.perf_counter() - t0},
+                extra={"seconds": before + time.perf_counter() - t0, **dp_extra()},
             ),
         )
 

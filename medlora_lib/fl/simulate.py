@@ -266,6 +266,15 @@ def simulate(
     configs = [config] if single else list(config)
     if runtime not in ("flower", "inprocess"):
         raise ConfigError(f"simulate: runtime={runtime!r}; use 'flower' or 'inprocess'")
+    if runtime == "inprocess":
+        private = [c for c in configs if c.privacy.active]
+        if private:
+            raise ConfigError(
+                "simulate: runtime='inprocess' has no server strategy, mods or "
+                "messages, so privacy.site_dp / privacy.dp_sgd / privacy.secagg cannot "
+                f"apply (experiment {private[0].method} s{private[0].seed}); use "
+                "runtime='flower'"
+            )
     from medlora_lib.config import default_cache_dir
 
     default_cache_dir().mkdir(parents=True, exist_ok=True)

@@ -57,6 +57,8 @@ class MedloraFedAvg(FedAvg):
         experiment: index of the experiment inside a batched run (0 otherwise).
         message_ttl: seconds a message stays valid (the round time-out), so a site
             that comes back late does not work on a stale round.
+        uniform: average the sites with equal weights instead of by ``num-examples``
+            (site-level DP: the noise is calibrated to one site's share ``1/m``).
     """
 
     def __init__(
@@ -66,8 +68,10 @@ class MedloraFedAvg(FedAvg):
         run_key: str = "",
         experiment: int = 0,
         message_ttl: float | None = None,
+        uniform: bool = False,
     ) -> None:
         super().__init__(fraction_train=1.0, fraction_evaluate=1.0)
+        self.uniform = bool(uniform)
         self.lr = float(lr)
         self.proximal_mu = float(proximal_mu)
         self.run_key = run_key
@@ -117,7 +121,8 @@ class MedloraFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Sample-weighted mean of the replies' shared tensors (in the given order)."""
+        """Sample-weighted (or, with ``uniform``, plain) mean of the replies' shared
+        tensors, in the given order."""
         from medlora_lib.adapters import aggregate_shared
 
         states, weights, losses = [], [], []
@@ -125,7 +130,9 @@ class MedloraFedAvg(FedAvg):
             arrays = m.content["arrays"]
             metrics = m.content["metrics"]
             states.append(arrays.to_torch_state_dict())
-            weights.append(float(metrics[self.weighted_by_key]))
+            weights.append(
+                1.0 if self.uniform else float(metrics[self.weighted_by_key])
+            )
             losses.append(float(metrics["train-loss"]))
         if not states:
             return None, None
