@@ -1,0 +1,171 @@
+"""What the shared adapter still leaks: a membership-inference signal measured on the
+model the server holds (chapter ``notebooks/08_privacy``).
+
+Sharing only the global adapter (and the shared head) is not privacy on its own: the
+released tensors are a function of each site's patients, and a model tends to fit the
+subjects it was trained on better than unseen ones. :func:`membership_inference`
+measures that for the server — an honest-but-curious aggregator that holds the final
+shared state and a candidate patient record — with the simplest attack there is, the
+loss threshold of Yeom et al. (2018): "member if the model's loss on the record is low".
+
+Per site, the members are its training subjects and the non-members its test subjects
+(same vendor, same distribution, never trained on). The attack's score is minus the
+cross-entropy of the server's model (the shared tensors with the initial private
+part: the server never has a site's local adapter or private head); its ROC AUC is
+0.5 when the released model tells members and non-members apart no better than
+chance. The interval is scipy's bootstrap over the site's subjects. Stronger attacks
+(shadow models, LiRA) can only find more: an AUC near 0.5 here is not a proof of
+privacy, an AUC above it is a leak. DP (site-level or DP-SGD) bounds any attack.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+__all__ = ["membership_inference", "MIA_COLUMNS", "auc_interval"]
+
+#: Columns of :func:`membership_inference`'s table.
+MIA_COLUMNS = (
+    "method",
+    "seed",
+    "client",
+    "auc",
+    "ci_low",
+    "ci_high",
+    "n_members",
+    "n_nonmembers",
+)
+
+
+def auc_interval(
+    scores: np.ndarray,
+    member: np.ndarray,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> tuple[float, float, float]:
+    """ROC AUC of ``scores`` for ``member`` (1) vs non-member (0) and its percentile
+    bootstrap interval (``scipy.stats.bootstrap``, resampling subjects).
+
+    Returns ``(auc, low, high)``; NaN when one group is empty.
+    """
+    from scipy.stats import bootstrap
+    from sklearn.metrics import roc_auc_score
+
+    scores = np.asarray(scores, dtype=float)
+    member = np.asarray(member, dtype=int)
+    nan = float("nan")
+    if member.min(initial=1) == member.max(initial=0) or len(member) < 3:
+        return nan, nan, nan
+    auc = float(roc_auc_score(member, scores))
+
+    def stat(s: np.ndarray, m: np.ndarray) -> float:
+        if m.min() == m.max():  # a resample with one group: no AUC
+            return 0.5
+        return float(roc_auc_score(m, s))
+
+    res = bootstrap(
+        (scores, member),
+        stat,
+        paired=True,
+        vectorized=False,
+        n_resamples=n_resamples,
+        confidence_level=confidence,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
+    ci = res.confidence_interval
+    return auc, float(ci.low), float(ci.high)
+
+
+@torch.no_grad()
+def _losses(rt: Any, inputs: dict[str, torch.Tensor], y: torch.Tensor) -> np.ndarray:
+    from medlora_lib.train import iterate_batches
+
+    out = []
+    for batch, yb in iterate_batches(inputs, y, 64):
+        batch = {k: v.to(rt.device) for k, v in batch.items()}
+        logits = rt.forward(batch).float()
+        out.append(
+            torch.nn.functional.cross_entropy(
+                logits, yb.to(rt.device), reduction="none"
+            ).cpu()
+        )
+    return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+def membership_inference(
+    result: Any, *, n_resamples: int = 1000, seed: int = 0
+) -> pd.DataFrame:
+    """Loss-threshold membership inference by the server, per site and pooled.
+
+    Args:
+        result: a federated :class:`~medlora_lib.fl.result.RunResult` with its
+            ``final_shared`` state (what the server released after the last round).
+        n_resamples: bootstrap resamples of each interval.
+        seed: the bootstrap's seed.
+
+    Returns:
+        One row per site and one ``pooled`` row (:data:`MIA_COLUMNS`).
+
+    Raises:
+        ValueError: the result holds no final shared state (a ``local`` or
+            ``centralized`` run shares nothing: there is no server to attack).
+    """
+    from medlora_lib.fl.simulate import plan
+    from medlora_lib.fl.sites import load_options, load_sites
+    from medlora_lib.fl.task import ClientRuntime
+
+    if not result.final_shared:
+        raise ValueError(
+            f"{result.method}: the result holds no shared state (final_shared); "
+            "membership inference by the server needs a federated run"
+        )
+    cfg = result.config
+    (p,) = plan([cfg], use_cache=True, scratch=Path("."))
+    data = load_sites(p.data_dir, list(p.sites), **load_options(cfg))
+    rows, pooled_s, pooled_m = [], [], []
+    for name in p.sites:
+        rt = ClientRuntime.build(cfg, data, name, data_key=str(p.data_dir))
+        rt.load(result.final_shared, None)  # the server's model: no private part
+        rt.model.eval()
+        test_inputs, test_y = rt.eval_sets[name]["test"]
+        s_in = -_losses(rt, rt.train_inputs, rt.train_labels)
+        s_out = -_losses(rt, test_inputs, test_y)
+        scores = np.concatenate([s_in, s_out])
+        member = np.concatenate([np.ones(len(s_in)), np.zeros(len(s_out))])
+        auc, lo, hi = auc_interval(scores, member, n_resamples, seed)
+        rows.append(
+            {
+                "method": cfg.method,
+                "seed": cfg.seed,
+                "client": name,
+                "auc": auc,
+                "ci_low": lo,
+                "ci_high": hi,
+                "n_members": len(s_in),
+                "n_nonmembers": len(s_out),
+            }
+        )
+        pooled_s.append(scores)
+        pooled_m.append(member)
+    s, m = np.concatenate(pooled_s), np.concatenate(pooled_m)
+    auc, lo, hi = auc_interval(s, m, n_resamples, seed)
+    rows.append(
+        {
+            "method": cfg.method,
+            "seed": cfg.seed,
+            "client": "pooled",
+            "auc": auc,
+            "ci_low": lo,
+            "ci_high": hi,
+            "n_members": int(m.sum()),
+            "n_nonmembers": int(len(m) - m.sum()),
+        }
+    )
+    return pd.DataFrame(rows, columns=list(MIA_COLUMNS))

@@ -1,0 +1,53 @@
+"""Membership inference by the server on the released shared state (chapter
+``notebooks/08_privacy``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medlora_lib.config import get_config
+from medlora_lib.privacy.leakage import MIA_COLUMNS, auc_interval, membership_inference
+
+
+def test_auc_interval_separates_and_covers():
+    rng = np.random.default_rng(0)
+    member = np.r_[np.ones(40), np.zeros(40)]
+    auc, lo, hi = auc_interval(
+        np.r_[rng.normal(1, 1, 40), rng.normal(0, 1, 40)], member
+    )
+    assert 0.65 < auc < 0.95 and lo < auc < hi
+    auc, lo, hi = auc_interval(member + 0.0, member)
+    assert auc == 1.0 and hi == 1.0
+    auc, lo, hi = auc_interval(rng.normal(size=80), member)
+    assert lo < 0.5 < hi  # chance: the interval holds 0.5
+    assert all(np.isnan(auc_interval(np.zeros(5), np.ones(5))))
+
+
+def test_membership_inference_on_a_federated_run():
+    from medlora_lib.fl import simulate
+
+    cfg = get_config(
+        "smoke",
+        method="fedavg_lora",
+        overrides={"model.pretrained": "none", "fed.num_rounds": 2},
+    )
+    res = simulate(cfg, runtime="inprocess", verbose=False)
+    table = membership_inference(res, n_resamples=200)
+    assert list(table.columns) == list(MIA_COLUMNS)
+    assert list(table["client"]) == ["Siemens", "Philips", "GE", "Canon", "pooled"]
+    per = table[table["client"] != "pooled"]
+    last = res.rounds[res.rounds["round"] == 2].set_index("client")
+    for _, r in per.iterrows():
+        assert r["n_members"] == last.loc[r["client"], "num_examples"]
+        assert r["n_nonmembers"] == last.loc[r["client"], "test_n"]
+    pooled = table.iloc[-1]
+    assert pooled["n_members"] == per["n_members"].sum()
+    assert 0 <= pooled["auc"] <= 1 and pooled["ci_low"] <= pooled["auc"]
+
+
+def test_a_run_without_shared_state_has_no_server_to_attack():
+    from types import SimpleNamespace
+
+    with pytest.raises(ValueError, match="needs a federated run"):
+        membership_inference(SimpleNamespace(final_shared=None, method="local"))
