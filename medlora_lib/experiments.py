@@ -32,6 +32,10 @@ __all__ = [
     "run_comparison",
     "capacity_control_configs",
     "run_capacity_controls",
+    "PRIVACY_METHODS",
+    "PRIVACY_SETTINGS",
+    "privacy_configs",
+    "run_privacy_grid",
 ]
 
 #: Every method of the book, in the order tables and figures show them: the registry's.
@@ -162,3 +166,118 @@ def run_capacity_controls(
         ],
         ignore_index=True,
     )
+
+
+# ------------------------------------------------------------------------------ privacy
+#: The methods of chapter ``08_privacy``: the plain baseline and the paper's method.
+PRIVACY_METHODS: tuple[str, ...] = ("fedavg_lora", "med_dual_lora")
+
+#: Chapter ``08_privacy``'s settings at the ``cpu`` profile: ``(label, kind, overrides)``.
+#: ``kind`` is ``none``, ``dp_sgd`` (sample-level, Opacus, at each site) or ``site_dp``
+#: (site-level, Flower's server-side adaptive clipping: the norm follows the median
+#: update norm, so no clipping norm has to be tuned on the data). Two noise levels each:
+#: the ε they spend is measured, not chosen.
+PRIVACY_SETTINGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("no DP", "none", {}),
+    (
+        "DP-SGD z=0.7",
+        "dp_sgd",
+        {"privacy.dp_sgd": True, "privacy.sgd_noise_multiplier": 0.7},
+    ),
+    (
+        "DP-SGD z=1.5",
+        "dp_sgd",
+        {"privacy.dp_sgd": True, "privacy.sgd_noise_multiplier": 1.5},
+    ),
+    (
+        "site DP z=0.5",
+        "site_dp",
+        {
+            "privacy.site_dp": "server_adaptive",
+            "privacy.noise_multiplier": 0.5,
+            "privacy.clipping_norm": 0.1,
+        },
+    ),
+    (
+        "site DP z=1.5",
+        "site_dp",
+        {
+            "privacy.site_dp": "server_adaptive",
+            "privacy.noise_multiplier": 1.5,
+            "privacy.clipping_norm": 0.1,
+        },
+    ),
+)
+
+
+def privacy_configs(
+    profile: str = "cpu",
+    methods: Iterable[str] = PRIVACY_METHODS,
+    seeds: Iterable[int] = (0, 1, 2),
+    settings: Iterable[tuple[str, str, Mapping[str, Any]]] = PRIVACY_SETTINGS,
+    overrides: Mapping[str, Any] | None = None,
+) -> list[tuple[str, str, ExperimentConfig]]:
+    """``(setting label, kind, config)`` for every setting × method × seed
+    (chapter ``08_privacy``); the ``no DP`` configs are those of the main comparison,
+    so they are read from its cache.
+
+    Raises:
+        ConfigError: an invalid override or privacy value (named by the config).
+    """
+    out = []
+    for label, kind, extra in settings:
+        merged = {**dict(overrides or {}), **dict(extra)}
+        for cfg in comparison_configs(profile, methods, seeds, merged):
+            out.append((label, kind, cfg))
+    return out
+
+
+def _epsilon(result: Any, kind: str) -> float:
+    p = result.privacy or {}
+    if kind == "dp_sgd":
+        return float(p.get("dp_sgd_epsilon_max", float("nan")))
+    if kind == "site_dp":
+        return float(p.get("site_dp_epsilon", float("nan")))
+    return float("inf")
+
+
+def run_privacy_grid(
+    profile: str = "cpu",
+    methods: Iterable[str] = PRIVACY_METHODS,
+    seeds: Iterable[int] = (0, 1, 2),
+    settings: Iterable[tuple[str, str, Mapping[str, Any]]] = PRIVACY_SETTINGS,
+    overrides: Mapping[str, Any] | None = None,
+    verbose: bool = False,
+) -> tuple[Any, list[Any]]:
+    """Run (or read back) :func:`privacy_configs` (chapter ``08_privacy``).
+
+    Returns:
+        ``(frame, results)``: the results frame of :func:`medlora_lib.stats.collect`
+        (one row per method, seed, client) with ``setting``, ``kind``, ``epsilon``
+        (ε spent at ``privacy.delta``: site-level — the same for every site — or the
+        largest DP-SGD ε of any site; ``inf`` without DP), ``seconds_per_round`` and
+        ``MB`` (all traffic of the run) columns, and the ``RunResult`` objects in the
+        order of :func:`privacy_configs`.
+    """
+    import pandas as pd
+
+    from medlora_lib.fl import simulate
+    from medlora_lib.stats import collect
+
+    planned = privacy_configs(profile, methods, seeds, settings, overrides)
+    results = list(
+        simulate([c for _, _, c in planned], use_cache=True, verbose=verbose)
+    )
+    frames = []
+    for (label, kind, _), r in zip(planned, results, strict=True):
+        traffic = r.comm.get("total_bytes_up", 0) + r.comm.get("total_bytes_down", 0)
+        frames.append(
+            collect([r]).assign(
+                setting=label,
+                kind=kind,
+                epsilon=_epsilon(r, kind),
+                seconds_per_round=r.seconds_per_round(),
+                MB=traffic / 1e6,
+            )
+        )
+    return pd.concat(frames, ignore_index=True), results
