@@ -29,6 +29,7 @@ __all__ = [
     "plot_method_bars",
     "plot_method_curves",
     "plot_paired_differences",
+    "plot_privacy_tradeoff",
 ]
 
 VENDOR_COLORS: dict[str, str] = {
@@ -373,4 +374,48 @@ def plot_paired_differences(
     ref = str(table["reference"].iloc[0]) if "reference" in table and len(table) else ""
     metric = str(table["metric"].iloc[0]) if "metric" in table and len(table) else ""
     ax.set_xlabel(label or f"{ref} − baseline, {metric.replace('_', ' ')}")
+    return fig, ax
+
+
+def plot_privacy_tradeoff(table: pd.DataFrame, ax: Any = None) -> tuple[Any, Any]:
+    """Balanced accuracy against the ε spent (log scale), one colour per method, one
+    marker per kind of DP (``o`` DP-SGD, ``s`` site-level); each method without DP is
+    a dashed line with its interval shaded. Chapter ``notebooks/08_privacy``.
+
+    ``table``: :func:`medlora_lib.privacy.report.privacy_table`.
+    """
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6.5, 3.8))
+    markers = {"dp_sgd": ("o", "DP-SGD"), "site_dp": ("s", "site DP")}
+    for method, g in table.groupby("method", sort=False):
+        color = METHOD_COLORS.get(str(method), "#555555")
+        base = g[g["kind"] == "none"]
+        if len(base):
+            b = base.iloc[0]
+            ax.axhline(b["balanced_accuracy"], color=color, ls="--", lw=1)
+            if np.isfinite(b["ba_half_width"]):
+                ax.axhspan(
+                    b["balanced_accuracy"] - b["ba_half_width"],
+                    b["balanced_accuracy"] + b["ba_half_width"],
+                    color=color,
+                    alpha=0.08,
+                )
+        for kind, (marker, name) in markers.items():
+            k = g[g["kind"] == kind].sort_values("epsilon")
+            if k.empty:
+                continue
+            ax.errorbar(
+                k["epsilon"],
+                k["balanced_accuracy"],
+                yerr=k["ba_half_width"].fillna(0.0),
+                color=color,
+                marker=marker,
+                ls="-" if kind == "dp_sgd" else ":",
+                capsize=3,
+                label=f"{method}, {name}",
+            )
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_xlabel("ε spent over the run (log scale; δ = 1e-5)")
+    ax.set_ylabel("balanced accuracy (test)\nmean over vendors, seeds")
+    ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig, ax

@@ -99,3 +99,17 @@ def test_privacy_configs_cover_settings_methods_and_seeds():
     assert all(c.privacy.dp_sgd and c.privacy.site_dp == "off" for c in sgd)
     site = [c for label, kind, c in planned if kind == "site_dp"]
     assert all(c.privacy.site_dp == "server_adaptive" for c in site)
+
+
+def test_the_tradeoff_plot_draws_each_kind_at_its_epsilon():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from medlora_lib.plotting import plot_privacy_tradeoff
+
+    fig, ax = plot_privacy_tradeoff(privacy_table(_frame()))
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["fedavg_lora, DP-SGD", "fedavg_lora, site DP"]
+    xs = sorted(float(x) for line in ax.get_lines() for x in line.get_xdata()[:1])
+    assert 4.0 in xs and 9.0 in xs
+    assert ax.get_xscale() == "log"
