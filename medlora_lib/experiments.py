@@ -256,8 +256,8 @@ def run_privacy_grid(
         (one row per method, seed, client) with ``setting``, ``kind``, ``epsilon``
         (ε spent at ``privacy.delta``: site-level — the same for every site — or the
         largest DP-SGD ε of any site; ``inf`` without DP), ``seconds_per_round`` and
-        ``MB`` (all traffic of the run) columns, and the ``RunResult`` objects in the
-        order of :func:`privacy_configs`.
+        ``MB`` (all traffic of the run) columns, and ``(label, kind, RunResult)`` for
+        every run, in the order of :func:`privacy_configs`.
     """
     import pandas as pd
 
@@ -280,4 +280,7 @@ def run_privacy_grid(
                 MB=traffic / 1e6,
             )
         )
-    return pd.concat(frames, ignore_index=True), results
+    runs = [
+        (label, kind, r) for (label, kind, _), r in zip(planned, results, strict=True)
+    ]
+    return pd.concat(frames, ignore_index=True), runs

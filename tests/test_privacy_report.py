@@ -85,7 +85,7 @@ def test_local_adapter_under_dp_reads_both_variants():
         )
 
     rs = [result(s, 0.7 + 0.01 * s, 0.6) for s in range(3)]
-    t = local_adapter_under_dp(rs, ["site DP"] * 3)
+    t = local_adapter_under_dp([("site DP", "site_dp", r) for r in rs])
     assert t.iloc[0]["local_adapter_adds"] == pytest.approx(0.11)
     assert t.iloc[0]["deployed"] == pytest.approx(0.71)
 

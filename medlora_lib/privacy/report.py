@@ -83,15 +83,14 @@ def privacy_table(frame: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame
 
 
 def local_adapter_under_dp(
-    results: Iterable[Any], labels: Iterable[str], confidence: float = 0.95
+    runs: Iterable[tuple[str, str, Any]], confidence: float = 0.95
 ) -> pd.DataFrame:
     """Med-DualLoRA's deployed model (global + local adapter) against its global
     adapter alone, per privacy setting: does the local adapter — never shared, so never
     noised by site-level DP — recover what the noise on the global one costs?
 
     Args:
-        results: the ``RunResult`` objects of :func:`run_privacy_grid`.
-        labels: their setting labels (same order).
+        runs: ``(setting label, kind, RunResult)`` of :func:`run_privacy_grid`.
 
     Returns:
         One row per setting: deployed and global-only balanced accuracy (mean over
@@ -100,7 +99,7 @@ def local_adapter_under_dp(
     from medlora_lib.stats import collect
 
     rows = []
-    for r, label in zip(results, labels, strict=True):
+    for label, _, r in runs:
         if r.method != "med_dual_lora":
             continue
         dep = collect([r])
