@@ -449,6 +449,37 @@ class PrivacyConfig:
             "must be > 1",
         )
         _check(
+            self.secagg_quantization_range < 2**31,
+            "privacy.secagg_quantization_range",
+            f"{self.secagg_quantization_range} levels do not fit SecAgg+'s int32 "
+            "quantisation and 2**32 modulus; use at most 2**30 (default 2**22)",
+        )
+        # SecAgg+ reads a value <= 1 as a fraction and one > 1 as a count
+        for name, v in (
+            ("privacy.secagg_shares", self.secagg_shares),
+            ("privacy.secagg_threshold", self.secagg_threshold),
+        ):
+            _check(
+                v <= 1 or float(v).is_integer(),
+                name,
+                f"{v:g} is neither a fraction (<= 1) nor a whole count (> 1); e.g. "
+                "0.66 or 3",
+            )
+        _check(
+            not 1 < self.secagg_shares < 3,
+            "privacy.secagg_shares",
+            f"a count of shares must be >= 3 (got {self.secagg_shares:g}); use 1.0 "
+            "for one share per site of the round",
+        )
+        if self.secagg_shares > 1 and self.secagg_threshold > 1:
+            _check(
+                self.secagg_threshold < self.secagg_shares,
+                "privacy.secagg_threshold",
+                f"{self.secagg_threshold:g} shares to reconstruct a secret split into "
+                f"privacy.secagg_shares={self.secagg_shares:g}: the threshold must be "
+                "below the number of shares",
+            )
+        _check(
             self.metrics in ("auto", "full", "minimal"),
             "privacy.metrics",
             f"unknown value {self.metrics!r}; choose `auto`, `full` or `minimal`",
@@ -599,6 +630,8 @@ class ExperimentConfig:
                 "(nothing leaves a site, so there is nothing to protect in transit); "
                 "use a federated method or switch it off"
             )
+        if p.secagg:
+            self._check_secagg_sites()
         if p.secagg and p.site_dp.startswith("server_"):
             raise ConfigError(
                 "config field `privacy.site_dp`: server-side clipping needs each "
@@ -612,6 +645,33 @@ class ExperimentConfig:
                 "DP would clip without any guarantee; use a value > 0 (1.0 or more) "
                 "or privacy.site_dp='off'"
             )
+
+    def _check_secagg_sites(self) -> None:
+        """SecAgg+ against the federation: a round the federation would accept must be
+        one SecAgg+ can finish (``medlora_lib.fl.secagg.check_round`` checks each round
+        with its actual sites)."""
+        p, fed = self.privacy, self.fed
+        if fed.min_sites < 2:
+            raise ConfigError(
+                f"config field `fed.min_sites`: {fed.min_sites} lets a round go on with "
+                "one site, and with privacy.secagg=true the 'sum' of one site is its "
+                "update; set fed.min_sites >= 2 (or privacy.secagg=false)"
+            )
+        if p.secagg_threshold <= 1:  # a fraction: it scales with the round's sites
+            return
+        need = int(p.secagg_threshold)
+        for name, n in (
+            ("fed.min_sites", fed.min_sites),
+            ("fed.num_sites", fed.num_sites),
+        ):
+            if n and n < need:
+                raise ConfigError(
+                    f"config field `privacy.secagg_threshold`: SecAgg+ needs {need} "
+                    f"sites in every round to reconstruct a site's masks, but {name}="
+                    f"{n} lets a round go on with {n}, which it could not finish; set "
+                    f"{name} >= {need}, or privacy.secagg_threshold <= {n} (or a "
+                    "fraction of the shares such as 0.66)"
+                )
 
     def adapter_config(self, method: str | None = None) -> Any:
         """The :class:`~medlora_lib.adapters.AdapterConfig` of this experiment.

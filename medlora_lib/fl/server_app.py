@@ -353,6 +353,10 @@ class GridSites:
     def train(
         self, rnd: int, sites: list[str], shared: dict, evaluate_first: bool
     ) -> RoundOutcome:
+        if self.cfg.privacy.secagg:  # Flower's SecAgg+: the server gets only the mean
+            from medlora_lib.fl.secagg import secagg_train
+
+            return secagg_train(self, rnd, sites, shared, evaluate_first)
         from medlora_lib.comm import payload_bytes, wire_bytes
 
         arrays, replies, failures = self._step(
