@@ -377,7 +377,9 @@ def train(msg: Message, context: Context, ctx: SiteContext) -> Message:
     With ``evaluate-first`` (rounds after the first) the site first evaluates the model
     it just received — the previous round's aggregate with its own private part — and
     adds those metrics under :data:`PREV_EVAL_PREFIX`. After training it writes its
-    private state under ``state-dir`` before replying.
+    private state under ``state-dir`` before replying. With ``privacy.dp_sgd`` that
+    state includes its DP-SGD accountant (restored from its newest saved round) and the
+    reply one metric more, ``dp-epsilon`` (the ε its records have spent so far).
     """
     cfg, rnd, run_key, rt, store, shared = _step(msg, ctx)
     # a deployed site says in its log which state it continues from
@@ -388,19 +390,28 @@ def train(msg: Message, context: Context, ctx: SiteContext) -> Message:
         ev = _evaluate_and_keep(ctx, rt, store, run_key, rnd - 1, shared, private)
         state_s += _LAST_KEEP_S[0]
         prev = {PREV_EVAL_PREFIX + k: float(v) for k, v in ev.items()}
+    dp_state, meta = None, {}
+    if ctx.cfg.privacy.dp_sgd:  # the site's DP-SGD accountant is private state too
+        from medlora_lib.privacy.dp_sgd import META_KEY, saved_dp_state
+
+        dp_state = saved_dp_state(store, run_key)
     out = rt.train_round(
         shared,
         private,
         rnd,
         proximal_mu=float(cfg.get("proximal-mu", 0.0)),
         lr=float(cfg.get("lr", ctx.cfg.train.lr)),
+        dp_state=dp_state,
+        fresh_randomness=ctx.deployed,  # DP-SGD's batches and noise: unseeded
     )
     if list(out.shared) != rt.shared_keys:  # never send anything but the shared part
         raise RuntimeError(
             "reply keys differ from the shared tensors; refusing to send"
         )
+    if out.dp_state is not None:
+        meta = {META_KEY: out.dp_state}
     t0 = time.perf_counter()
-    store.save_round(run_key, rnd, out.private, {"train_loss": out.train_loss})
+    store.save_round(run_key, rnd, out.private, {"train_loss": out.train_loss, **meta})
     state_s += time.perf_counter() - t0
     metrics = MetricRecord(
         {
@@ -409,6 +420,7 @@ def train(msg: Message, context: Context, ctx: SiteContext) -> Message:
             "train-seconds": out.seconds,
             "state-seconds": state_s,  # writing the site's state to its disk
             **prev,
+            **({"dp-epsilon": out.epsilon} if out.epsilon is not None else {}),
         }
     )
     content = RecordDict({"arrays": ArrayRecord(out.shared), "metrics": metrics})

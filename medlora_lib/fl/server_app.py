@@ -378,6 +378,9 @@ class GridSites:
                 for k, v in m.items()
                 if k.startswith(PREV_EVAL_PREFIX)
             }
+            # DP-SGD (privacy.dp_sgd): the ε the site's records have spent so far
+            eps = m.get("dp-epsilon")
+            dp_sgd = {} if eps is None else {"dp_sgd_epsilon": float(eps)}
             out.replies[site] = SiteReply(
                 shared=arrays_up.to_torch_state_dict(),
                 num_examples=int(m["num-examples"]),
@@ -386,6 +389,7 @@ class GridSites:
                     "num_examples": int(m["num-examples"]),
                     "train_seconds": float(m.get("train-seconds", 0.0)),
                     "state_seconds": float(m.get("state-seconds", 0.0)),
+                    **dp_sgd,
                 },
                 prev_eval={site: prev} if prev else {},
             )

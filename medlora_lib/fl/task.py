@@ -77,8 +77,9 @@ def validate_config(cfg: ExperimentConfig) -> None:
     """Refuse a config that cannot run, before anything starts.
 
     Raises:
-        ConfigError: unknown method, rank <= 0, no adapted block, or blocks out of range
-            for the model depth.
+        ConfigError: unknown method, rank <= 0, no adapted block, blocks out of range
+            for the model depth, or DP-SGD without a guarantee
+            (:func:`medlora_lib.privacy.dp_sgd.check_dp_sgd`).
     """
     from medlora_lib.adapters import METHODS, resolve_adapted_blocks
     from medlora_lib.pipeline import adapter_config
@@ -93,6 +94,10 @@ def validate_config(cfg: ExperimentConfig) -> None:
 
     depth = int(cfg.model.overrides.get("depth", SIZES[cfg.model.size]["depth"]))
     resolve_adapted_blocks(acfg.adapted_blocks, depth)
+    if cfg.privacy.dp_sgd:
+        from medlora_lib.privacy.dp_sgd import check_dp_sgd
+
+        check_dp_sgd(cfg)
 
 
 _RUNTIMES: dict[tuple[str, str], ClientRuntime] = {}
@@ -114,6 +119,11 @@ class RoundOutput:
     train_loss: float
     num_examples: int
     seconds: float = 0.0
+    #: DP-SGD only (``privacy.dp_sgd``): the ε the site's records have spent so far
+    #: (after this round) at ``privacy.delta``, and the JSON state the site keeps with
+    #: its private tensors (accountant history, σ, q, steps; chapter ``08_privacy``).
+    epsilon: float | None = None
+    dp_state: dict[str, Any] | None = None
 
 
 def _confusion(y: np.ndarray, prob: np.ndarray) -> dict[str, int]:
@@ -268,12 +278,21 @@ class ClientRuntime:
         rnd: int,
         proximal_mu: float = 0.0,
         lr: float | None = None,
+        dp_state: dict[str, Any] | None = None,
+        fresh_randomness: bool = False,
     ) -> RoundOutput:
         """Load state, train ``train.local_epochs`` epochs, return the new state.
 
         The random state (batch order, dropout) is seeded by
         :func:`round_seed` ``(seed, site, rnd)``; the optimiser (AdamW) starts afresh
         every round (our choice: optimiser state never crosses rounds or leaves the site).
+
+        With ``privacy.dp_sgd`` the epochs are DP-SGD
+        (:func:`medlora_lib.privacy.dp_sgd.train_dp_sgd`: Poisson-sampled batches,
+        per-sample clipping instead of ``train.grad_clip``, Gaussian noise, FedProx's
+        term added after the DP step), continuing the site's accountant from
+        ``dp_state``; ``fresh_randomness`` (a deployed site) draws its batches and
+        noise from the OS instead of the round seed. Without it nothing changes.
         """
         import time
 
@@ -313,21 +332,41 @@ class ClientRuntime:
 
         self.model.train()
         losses = []
-        for _ in range(cfg.train.local_epochs):
-            losses.append(
-                train_one_epoch(
-                    self.forward,
-                    params,
-                    optimizer,
-                    self.train_inputs,
-                    self.train_labels,
-                    loss_fn,
-                    cfg.train,
-                    gen,
-                    self.device,
-                    extra_loss=extra,
-                )
+        dp = None
+        if cfg.privacy.dp_sgd:
+            from medlora_lib.privacy.dp_sgd import train_dp_sgd
+
+            dp = train_dp_sgd(
+                self.forward,
+                self.model,
+                optimizer,
+                self.train_inputs,
+                self.train_labels,
+                cfg,
+                seed=seed,
+                class_weight=weight,
+                state=dp_state,
+                extra_loss=extra,
+                fresh_randomness=fresh_randomness,
+                device=self.device,
             )
+            losses = dp.losses
+        else:
+            for _ in range(cfg.train.local_epochs):
+                losses.append(
+                    train_one_epoch(
+                        self.forward,
+                        params,
+                        optimizer,
+                        self.train_inputs,
+                        self.train_labels,
+                        loss_fn,
+                        cfg.train,
+                        gen,
+                        self.device,
+                        extra_loss=extra,
+                    )
+                )
         self.model.eval()
         return RoundOutput(
             shared=get_shared_state(self.model),
@@ -335,6 +374,8 @@ class ClientRuntime:
             train_loss=float(losses[-1]),
             num_examples=int(self.train_labels.shape[0]),
             seconds=time.perf_counter() - t0,
+            epsilon=None if dp is None else dp.epsilon,
+            dp_state=None if dp is None else dp.state,
         )
 
     # ------------------------------------------------------------------ evaluate
