@@ -226,6 +226,7 @@ def test_each_sample_is_clipped_then_gaussian_noise_is_added(
     )
     residual = []
     for step in captured:
+        assert step["C"] == c and step["sigma"] == sigma and step["B"] == 4
         want, norms = _clipped_sum(step)
         if norms.numel():
             assert float(norms.max()) > 10 * c  # the clipping really acted
