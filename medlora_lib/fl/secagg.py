@@ -39,11 +39,11 @@ the previous round's evaluation) — as without SecAgg+: Flower's mod sends the 
 stochastic rounding: less than one step per value and site. The mean is divided by
 ``Σ r_i``, so its error per value is below ``m · 2c / (Q · Σ r_i)`` for ``m`` sites
 (:func:`secagg_error_bound`; ``RoundOutcome.round_metrics["secagg_error_bound"]``). The
-bridge sets ``W`` to the largest ``num-examples`` the round's sites reported the last
-time they trained (Flower's default 1000 until it has heard from them), so from the
-second round ``Σ r_i >= 1`` and the error is below ``m · 2c / Q`` (1.5e-5 for 4 sites
-at the defaults). A value with ``|r_i Δ_i| > c`` is clipped — the site says so in its
-log.
+bridge sets ``W`` to the largest ``num-examples`` of the round's sites (from their last
+train reply; a site not heard of yet is asked once with a ``query`` message), so
+``Σ r_i >= 1`` and the error is below ``m · 2c / Q`` (1.5e-5 for 4 sites at the
+defaults; with site-level DP the mean is unweighted and ``r_i = 1``). A value with
+``|r_i Δ_i| > c`` is clipped — the site says so in its log.
 
 **Threshold.** A site's secrets are split into ``privacy.secagg_shares`` Shamir shares
 of which ``privacy.secagg_threshold`` reconstruct it: a round tolerates sites that drop
@@ -53,9 +53,11 @@ sites is refused before anything is sent (:func:`check_round`); one that falls b
 it midway stops with a :class:`~medlora_lib.fl.federation.FederationError` (the run
 resumes from the last checkpoint).
 
-**Cost** (:func:`secagg_cost`): four exchanges per round instead of one (8 messages
-per site), the masked upload is int64 (twice the float32 tensors), and each site and
-the server compute ``O(n_sites)`` key agreements and masks.
+**Cost** (:func:`secagg_cost` measures it): four exchanges per round instead of one
+(8 messages per site; 10 in a round that first asks the sites' sizes), the masked
+upload is int64 (twice the float32 tensors, plus 8 bytes), and each site and the server
+compute ``O(n_sites)`` key agreements and masks. A deployed SuperNode starts one
+ClientApp process per message, so there each stage also costs a process start.
 """
 
 from __future__ import annotations
@@ -705,9 +707,12 @@ def secagg_cost(
 
     Returns:
         A ``pandas.DataFrame`` indexed by ``secagg`` (False, True): ``seconds_per_round``,
-        ``messages_per_round``, ``messages_per_site_round``, ``wire_MB_per_round``
-        (train traffic, both directions, all sites), ``sites``, ``final_max_abs_diff``
-        (largest difference of the final shared tensors between the two runs).
+        ``messages_per_round``, ``messages_per_site_round`` (the train step's
+        messages: plain 1 down + 1 up per site), ``wire_MB_per_round`` (the train
+        step's serialised traffic, both directions, all sites: the ``ArrayRecord``
+        without SecAgg+, every record of every stage with it), ``sites``,
+        ``final_max_abs_diff`` (largest difference of the final shared tensors of the
+        two runs).
     """
     import pandas as pd
 
