@@ -103,7 +103,9 @@ def _update(site: str, rnd: int, ref: torch.Tensor) -> torch.Tensor:
     return 0.05 * torch.randn(ref.shape, generator=g, dtype=torch.float32)
 
 
-def site_node(name: str, node: int, cfg, trained: dict, silent=lambda m: False):
+def site_node(
+    name: str, node: int, cfg, trained: dict, silent=lambda m: False, run_config=None
+):
     """A SuperNode of site ``name``: the ClientApp's mod chain around a train handler
     that adds a site- and round-specific update to what it received."""
     from medlora_lib.fl.mods import privacy_mod
@@ -113,7 +115,7 @@ def site_node(name: str, node: int, cfg, trained: dict, silent=lambda m: False):
         node_id=node,
         node_config={},
         state=RecordDict(),
-        run_config=to_run_config(cfg),
+        run_config=run_config or to_run_config(cfg),
     )
 
     def handler(msg: Message, context: Context) -> Message:
@@ -150,7 +152,9 @@ def site_node(name: str, node: int, cfg, trained: dict, silent=lambda m: False):
     return answer
 
 
-def _federation(cfg, sites=tuple(SIZES), silent=None, record=False):
+def _federation(
+    cfg, sites=tuple(SIZES), silent=None, record=False, run_config=None, experiment=0
+):
     from medlora_lib.fl.server_app import GridSites
     from medlora_lib.fl.strategies import MedloraFedAvg
 
@@ -158,13 +162,14 @@ def _federation(cfg, sites=tuple(SIZES), silent=None, record=False):
     silent = silent or {}
     grid = WireGrid(
         {
-            i + 1: site_node(s, i + 1, cfg, trained, silent.get(s, lambda m: False))
+            i + 1: site_node(
+                s, i + 1, cfg, trained, silent.get(s, lambda m: False), run_config
+            )
             for i, s in enumerate(sites)
         }
     )
-    t = GridSites(
-        grid, cfg, MedloraFedAvg(lr=1e-3, run_key="k"), record_messages=record
-    )
+    strategy = MedloraFedAvg(lr=1e-3, run_key="k", experiment=experiment)
+    t = GridSites(grid, cfg, strategy, record_messages=record)
     t.connect()
     return t, grid, trained
 
@@ -264,6 +269,26 @@ def test_the_plan_is_what_the_workflow_sends():
         assert sent[Key.SAMPLE_NUMBER] == n
         if (shares, threshold, n) == (1.0, 0.66, 4):  # the default with 4 sites
             assert (plan.threshold, plan.tolerated_dropouts) == (3, 1)
+
+
+def test_every_protocol_message_names_its_experiment_of_a_batch():
+    """In a batch (``run.batch``) the site's ``privacy_mod`` reads the experiment of a
+    message from its config; SecAgg+'s key messages carry none of their own, so the
+    bridge adds it: experiment 1 runs SecAgg+ while experiment 0 does not."""
+    import json
+
+    plain, secure = get_config("smoke", method="fedavg_lora"), _cfg()
+    batch = {
+        **to_run_config(plain),
+        "run.batch": json.dumps([to_run_config(plain), to_run_config(secure)]),
+    }
+    t, grid, trained = _federation(secure, run_config=batch, experiment=1)
+    sites = t.sites(1)
+    out = t.train(1, sites, _shared(), False)
+    assert out.failures == [] and list(out.replies) == sites
+    for m in grid.down:
+        if RECORD_KEY_CONFIGS in m.content.config_records:
+            assert m.content["medlora-experiment"]["experiment"] == 1
 
 
 # ------------------------------------------------------------------ (b) what the server sees

@@ -579,8 +579,10 @@ def secagg_train(
 
 
 def _halted(cfg: Any, rnd: int, sites: list[str], plan: SecAggPlan, stats: _Round):
+    """The round could not finish: which stage, who did not answer, who failed."""
     last = stats.stages[-1] if stats.stages else {"stage": "setup", "answered": 0}
-    failed = {f["site"] for f in stats.failures}
+    away = {f["site"] for f in stats.failures if not f.get("answered")}
+    failed = {f["site"] for f in stats.failures if f.get("answered")}
     first = (
         f" The first failure: {stats.failures[0]['site']}: {stats.failures[0]['reason']}"
         if stats.failures
@@ -591,10 +593,12 @@ def _halted(cfg: Any, rnd: int, sites: list[str], plan: SecAggPlan, stats: _Roun
         f"{last['answered']} of the round's {len(sites)} sites answered, fewer than its "
         f"reconstruction threshold of {plan.threshold} (privacy.secagg_threshold="
         f"{cfg.privacy.secagg_threshold:g} of {plan.num_shares} shares); missing: "
+        f"{', '.join(s for s in sites if s in away) or 'none'}; failed: "
         f"{', '.join(s for s in sites if s in failed) or 'none'}. Restart the missing "
-        f"SuperNodes and run again: the run resumes from round {rnd - 1} (its last "
-        "checkpoint). A lower privacy.secagg_threshold tolerates more dropouts, but "
-        "then fewer colluding sites suffice to unmask one site's update." + first
+        "SuperNodes (and fix the error the failed sites report) and run again: the "
+        f"run resumes from round {rnd - 1} (its last checkpoint). A lower "
+        "privacy.secagg_threshold tolerates more dropouts, but then fewer colluding "
+        "sites suffice to unmask one site's update." + first
     )
 
 
