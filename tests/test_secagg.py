@@ -379,6 +379,15 @@ def test_no_individual_update_reaches_the_server(monkeypatch):
     )
 
 
+def test_a_site_says_when_its_update_is_clipped(capsys):
+    cfg = _cfg(**{"privacy.secagg_clipping_range": 0.01})
+    t, grid, trained = _federation(cfg)
+    t.train(1, t.sites(1), _shared(), False)
+    err = capsys.readouterr().err
+    assert "exceeds privacy.secagg_clipping_range=0.01" in err
+    assert "raise privacy.secagg_clipping_range" in err
+
+
 # ------------------------------------------------------------------ with site-level DP
 def test_client_side_clipping_dp_runs_inside_secagg():
     """privacy.site_dp='client_fixed' with SecAgg+: Flower's fixedclipping_mod clips each

@@ -690,7 +690,7 @@ def _train_step(legacy: Message, ctx: Context, call_next: Any) -> Message:
         status=Status(code=Code.OK, message=""),
         parameters=ndarrays_to_parameters(deltas),
         num_examples=n,
-        metrics={k: v for k, v in metrics.items()},
+        metrics=metrics,
     )
     return Message(fitres_to_recorddict(fitres, keep_input=True), reply_to=legacy)
 
