@@ -30,6 +30,7 @@ __all__ = [
     "plot_method_curves",
     "plot_paired_differences",
     "plot_privacy_tradeoff",
+    "plot_epsilon_curves",
 ]
 
 VENDOR_COLORS: dict[str, str] = {
@@ -417,5 +418,28 @@ def plot_privacy_tradeoff(table: pd.DataFrame, ax: Any = None) -> tuple[Any, Any
     ax.set_xscale("log")
     ax.set_xlabel("ε spent over the run (log scale; δ = 1e-5)")
     ax.set_ylabel("balanced accuracy (test)\nmean over vendors, seeds")
+    ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return fig, ax
+
+
+def plot_epsilon_curves(curves: pd.DataFrame, ax: Any = None) -> tuple[Any, Any]:
+    """ε spent after each round, one line per privacy setting (mean over seeds and
+    methods; DP-SGD solid, site-level dotted). Chapter ``notebooks/08_privacy``.
+
+    ``curves``: :func:`medlora_lib.privacy.report.epsilon_curves`.
+    """
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6.5, 3.4))
+    palette = sns.color_palette(
+        "colorblind", n_colors=max(1, curves["setting"].nunique())
+    )
+    for color, (setting, g) in zip(
+        palette, curves.groupby("setting", sort=False), strict=False
+    ):
+        m = g.groupby("round")["epsilon"].mean()
+        ls = "-" if (g["kind"] == "dp_sgd").all() else ":"
+        ax.plot(m.index, m.values, ls=ls, marker=".", color=color, label=setting)
+    ax.set_yscale("log")
+    ax.set_xlabel("round")
+    ax.set_ylabel("ε spent so far (δ = 1e-5)")
     ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig, ax

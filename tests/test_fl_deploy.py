@@ -158,3 +158,59 @@ def test_a_killed_superlink_resumes_and_equals_an_uninterrupted_run(
         dep.stop()
     assert "resuming" in (dep.work / "flwr-run.log").read_text()
     _same(result, reference[3])
+
+
+def test_a_private_deployment_dp_at_the_sites_and_minimal_metrics(tmp_path):
+    """Loopback deployment with DP-SGD at each site, site-level DP clipped at the sites
+    (Flower's fixedclipping_mod) and the deployment's default metrics (minimal)."""
+    from medlora_lib.fl.site_dp import site_dp_epsilon
+    from medlora_lib.fl.site_state import SiteStateStore
+
+    cfg = get_config(
+        "smoke",
+        method="med_dual_lora",
+        seed=3,
+        overrides={
+            "model.pretrained": "none",
+            "fed.num_rounds": 2,
+            "train.num_threads": 1,
+            "fed.exclude": ["GE", "Canon"],
+            "privacy.site_dp": "client_fixed",
+            "privacy.noise_multiplier": 0.5,
+            "privacy.clipping_norm": 0.5,
+            "privacy.dp_sgd": True,
+        },
+    )
+    dep = Deployment(cfg, tmp_path / "w", record_messages=True)
+    try:
+        dep.start_superlink()
+        for s in dep.sites:
+            dep.start_supernode(s)
+        assert dep.run(timeout=600) == 0
+        result = dep.result()
+    finally:
+        dep.stop()
+    assert result.failures == []
+    assert result.privacy["site_dp_epsilon"] == pytest.approx(
+        site_dp_epsilon(0.5, 2, 1e-5)
+    )
+    assert set(result.privacy["dp_sgd_epsilon"]) == {"Siemens", "Philips"}
+    assert all(e > 0 for e in result.privacy["dp_sgd_epsilon"].values())
+    # the server got the validation selection metric and nothing of the test sets
+    assert not [c for c in result.rounds.columns if c.startswith("test_")]
+    allowed_eval = {"val_balanced_accuracy", "val_n"}
+    for m in result.messages:
+        recs = m["records"]
+        if m["direction"] == "down" and m["phase"] == "train":
+            assert "clipping_norm" in recs["config"]["keys"]  # the sites clip
+        if m["direction"] == "up" and m["phase"] in ("train", "evaluate"):
+            keys = set(recs["metrics"]["keys"])
+            prev = {k.removeprefix("prev-eval/") for k in keys if "/" in k}
+            assert prev <= allowed_eval, keys
+            if m["phase"] == "evaluate":
+                assert keys == {"num-examples"} | allowed_eval
+    # ... while each site kept its full evaluation in its own state folder
+    for s in dep.sites:
+        store = SiteStateStore(dep.work / "sites-state" / s, s)
+        last = store.deployed(result.exp_id, "last")
+        assert "test_balanced_accuracy" in last["meta"]["metrics"]

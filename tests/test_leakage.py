@@ -51,3 +51,19 @@ def test_a_run_without_shared_state_has_no_server_to_attack():
 
     with pytest.raises(ValueError, match="needs a federated run"):
         membership_inference(SimpleNamespace(final_shared=None, method="local"))
+
+
+def test_within_class_auc_removes_a_prevalence_confound():
+    from medlora_lib.privacy.leakage import within_class_auc
+
+    rng = np.random.default_rng(1)
+    # members are mostly diseased, non-members mostly healthy; the score depends only
+    # on the class: the plain AUC "finds" membership, within a class there is none
+    y = np.r_[np.ones(30), np.zeros(10), np.ones(10), np.zeros(30)].astype(int)
+    member = np.r_[np.ones(40), np.zeros(40)].astype(int)
+    scores = y + rng.normal(0, 0.1, 80)
+    assert within_class_auc(scores, member) > 0.7
+    assert abs(within_class_auc(scores, member, y) - 0.5) < 0.15
+    # a real signal inside each class is kept
+    scores2 = scores + 0.5 * member
+    assert within_class_auc(scores2, member, y) > 0.95

@@ -11,9 +11,10 @@ loss threshold of Yeom et al. (2018): "member if the model's loss on the record 
 Per site, the members are its training subjects and the non-members its test subjects
 (same vendor, same distribution, never trained on). The attack's score is minus the
 cross-entropy of the server's model (the shared tensors with the initial private
-part: the server never has a site's local adapter or private head); its ROC AUC is
-0.5 when the released model tells members and non-members apart no better than
-chance. The interval is scipy's bootstrap over the site's subjects. Stronger attacks
+part: the server never has a site's local adapter or private head); its ROC AUC,
+comparing members and non-members of the same class (:func:`within_class_auc`: the
+splits' prevalence may differ, and the loss depends on the class), is 0.5 when the
+released model tells members and non-members apart no better than chance. The interval is scipy's bootstrap over the site's subjects. Stronger attacks
 (shadow models, LiRA) can only find more: an AUC near 0.5 here is not a proof of
 privacy, an AUC above it is a leak. DP (site-level or DP-SGD) bounds any attack.
 """
@@ -27,7 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-__all__ = ["membership_inference", "MIA_COLUMNS", "auc_interval"]
+__all__ = ["membership_inference", "MIA_COLUMNS", "auc_interval", "within_class_auc"]
 
 #: Columns of :func:`membership_inference`'s table.
 MIA_COLUMNS = (
@@ -42,35 +43,65 @@ MIA_COLUMNS = (
 )
 
 
+def within_class_auc(
+    scores: np.ndarray, member: np.ndarray, labels: np.ndarray | None = None
+) -> float:
+    """P(a member scores higher than a non-member *of the same class*) (ties: 1/2).
+
+    The per-class ROC AUCs (sklearn) weighted by their member × non-member pairs.
+    Without ``labels``: the plain AUC. Comparing within a class matters because a
+    site's training and test splits need not hold the same share of diseased
+    subjects, and the loss depends on the class: across classes the attack would
+    partly measure prevalence, not memorisation. NaN when no class has both groups.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    scores = np.asarray(scores, dtype=float)
+    member = np.asarray(member, dtype=int)
+    groups = [np.ones(len(member), bool)] if labels is None else None
+    if groups is None:
+        labels = np.asarray(labels)
+        groups = [labels == c for c in np.unique(labels)]
+    total, weight = 0.0, 0.0
+    for g in groups:
+        m = member[g]
+        pairs = float(m.sum() * (len(m) - m.sum()))
+        if pairs == 0:
+            continue
+        total += pairs * float(roc_auc_score(m, scores[g]))
+        weight += pairs
+    return total / weight if weight else float("nan")
+
+
 def auc_interval(
     scores: np.ndarray,
     member: np.ndarray,
     n_resamples: int = 1000,
     seed: int = 0,
     confidence: float = 0.95,
+    labels: np.ndarray | None = None,
 ) -> tuple[float, float, float]:
-    """ROC AUC of ``scores`` for ``member`` (1) vs non-member (0) and its percentile
-    bootstrap interval (``scipy.stats.bootstrap``, resampling subjects).
+    """:func:`within_class_auc` of ``scores`` for ``member`` (1) vs non-member (0) and
+    its percentile bootstrap interval (``scipy.stats.bootstrap``, resampling subjects).
 
-    Returns ``(auc, low, high)``; NaN when one group is empty.
+    Returns ``(auc, low, high)``; NaN when no class holds both groups.
     """
     from scipy.stats import bootstrap
-    from sklearn.metrics import roc_auc_score
 
     scores = np.asarray(scores, dtype=float)
     member = np.asarray(member, dtype=int)
+    lab = np.zeros(len(member), int) if labels is None else np.asarray(labels)
     nan = float("nan")
-    if member.min(initial=1) == member.max(initial=0) or len(member) < 3:
+    auc = within_class_auc(scores, member, lab)
+    if not np.isfinite(auc) or len(member) < 3:
         return nan, nan, nan
-    auc = float(roc_auc_score(member, scores))
 
-    def stat(s: np.ndarray, m: np.ndarray) -> float:
-        if m.min() == m.max():  # a resample with one group: no AUC
-            return 0.5
-        return float(roc_auc_score(m, s))
+    def stat(s: np.ndarray, m: np.ndarray, y: np.ndarray) -> float:
+        v = within_class_auc(s, m, y)
+        return 0.5 if not np.isfinite(v) else v  # a resample with one group
 
     res = bootstrap(
-        (scores, member),
+        (scores, member, lab),
         stat,
         paired=True,
         vectorized=False,
@@ -129,7 +160,7 @@ def membership_inference(
     cfg = result.config
     (p,) = plan([cfg], use_cache=True, scratch=Path("."))
     data = load_sites(p.data_dir, list(p.sites), **load_options(cfg))
-    rows, pooled_s, pooled_m = [], [], []
+    rows, pooled_s, pooled_m, pooled_y = [], [], [], []
     for name in p.sites:
         rt = ClientRuntime.build(cfg, data, name, data_key=str(p.data_dir))
         rt.load(result.final_shared, None)  # the server's model: no private part
@@ -139,7 +170,8 @@ def membership_inference(
         s_out = -_losses(rt, test_inputs, test_y)
         scores = np.concatenate([s_in, s_out])
         member = np.concatenate([np.ones(len(s_in)), np.zeros(len(s_out))])
-        auc, lo, hi = auc_interval(scores, member, n_resamples, seed)
+        labels = np.concatenate([rt.train_labels.numpy(), test_y.numpy()])
+        auc, lo, hi = auc_interval(scores, member, n_resamples, seed, labels=labels)
         rows.append(
             {
                 "method": cfg.method,
@@ -154,8 +186,10 @@ def membership_inference(
         )
         pooled_s.append(scores)
         pooled_m.append(member)
+        # pooled: members and non-members compared within a site and class
+        pooled_y.append(np.array([f"{name}/{int(y)}" for y in labels]))
     s, m = np.concatenate(pooled_s), np.concatenate(pooled_m)
-    auc, lo, hi = auc_interval(s, m, n_resamples, seed)
+    auc, lo, hi = auc_interval(s, m, n_resamples, seed, labels=np.concatenate(pooled_y))
     rows.append(
         {
             "method": cfg.method,

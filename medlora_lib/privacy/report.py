@@ -16,7 +16,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["privacy_table", "local_adapter_under_dp", "privacy_verdict"]
+__all__ = [
+    "privacy_table",
+    "local_adapter_under_dp",
+    "privacy_verdict",
+    "epsilon_curves",
+]
 
 _KEYS = ["method", "setting", "kind"]
 
@@ -149,3 +154,33 @@ def privacy_verdict(table: pd.DataFrame, tolerance: float = 0.05) -> str:
                 )
             parts.append(f"{method}, {names.get(kind, kind)}: " + "; ".join(bits))
     return ". ".join(parts) + "."
+
+
+def epsilon_curves(runs: Iterable[tuple[str, str, Any]]) -> pd.DataFrame:
+    """ε spent after each round, per private run (chapter ``08_privacy``): the
+    site-level ε (one value per round) or the largest DP-SGD ε of any site.
+
+    Returns:
+        Columns ``setting``, ``kind``, ``method``, ``seed``, ``round``, ``epsilon``.
+    """
+    col = {"site_dp": "site_dp_epsilon", "dp_sgd": "dp_sgd_epsilon"}
+    rows = []
+    for label, kind, r in runs:
+        c = col.get(kind)
+        if c is None or c not in r.rounds:
+            continue
+        per = r.rounds.groupby("round")[c].max().dropna()
+        for rnd, eps in per.items():
+            rows.append(
+                {
+                    "setting": label,
+                    "kind": kind,
+                    "method": r.method,
+                    "seed": r.config.seed,
+                    "round": int(rnd),
+                    "epsilon": float(eps),
+                }
+            )
+    return pd.DataFrame(
+        rows, columns=["setting", "kind", "method", "seed", "round", "epsilon"]
+    )
