@@ -6,7 +6,11 @@ blocks) one site's :meth:`~medlora_lib.fl.task.ClientRuntime.train_round` is tim
 
 * without privacy (the project's AdamW loop, ``train.grad_clip``), and
 * with DP-SGD (``privacy.dp_sgd``: Opacus' per-sample gradients, clipping, noise,
-  Poisson sampling and the accountant's step; :mod:`medlora_lib.privacy.dp_sgd`).
+  Poisson sampling and the accountant's step; :mod:`medlora_lib.privacy.dp_sgd`);
+
+and a whole federation round (every site, the server, Flower's Simulation Runtime) with
+and without SecAgg+ (``privacy.secagg``: :func:`medlora_lib.fl.secagg.secagg_cost`, both
+runs in one Flower run; ``--secagg-rounds 0`` skips it).
 
 Both run on the same runtime (same model, same cached activations), repeats
 interleaved (off, on, off, on, ...) so that both see the same background load on a
@@ -46,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--site", default=None, help="default: the first site")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--set", nargs="*", default=[], metavar="SECTION.FIELD=VALUE")
+    ap.add_argument(
+        "--secagg-rounds",
+        type=int,
+        default=4,
+        help="rounds of the SecAgg+ comparison (0: skip)",
+    )
     args = ap.parse_args(argv)
     profile = "smoke" if args.smoke else args.profile
 
@@ -91,11 +101,35 @@ def main(argv: list[str] | None = None) -> int:
             f"{ratio:.2f}x",
             f"ε={last.epsilon:.3g} after 1 round",
         ),
-        # ------------------------------------------------------------------------
-        # SecAgg+ cost: room for its row (the lead adds it here, same columns:
-        # label, median s / round, min s / round, ratio to "no privacy", note)
-        # ------------------------------------------------------------------------
     ]
+    if args.secagg_rounds > 0:
+        from medlora_lib.fl.secagg import secagg_cost
+
+        over = {}
+        for item in args.set:
+            k, v = item.split("=", 1)
+            over[k] = v
+        sec = secagg_cost(profile, args.secagg_rounds, args.method, 0, over)
+        plain_r, sec_r = sec.loc[False], sec.loc[True]
+        rows += [
+            (
+                "federation round",
+                plain_r["seconds_per_round"],
+                float("nan"),
+                "-",
+                f"{int(plain_r['sites'])} sites, {plain_r['messages_per_site_round']:.0f} "
+                f"msgs / site, {plain_r['wire_MB_per_round']:.3f} MB",
+            ),
+            (
+                "  with SecAgg+",
+                sec_r["seconds_per_round"],
+                float("nan"),
+                f"{sec_r['seconds_per_round'] / plain_r['seconds_per_round']:.2f}x",
+                f"{sec_r['messages_per_site_round']:.0f} msgs / site, "
+                f"{sec_r['wire_MB_per_round']:.3f} MB; final tensors differ by "
+                f"{sec_r['final_max_abs_diff']:.1e}",
+            ),
+        ]
 
     cmd = " ".join(shlex.quote(a) for a in ["python", *sys.argv])
     print(f"command : {cmd}")
