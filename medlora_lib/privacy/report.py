@@ -9,7 +9,6 @@ each interval is a Student-t interval over seeds of the mean over vendors.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -32,19 +31,12 @@ def _seed_means(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 
 def _t(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
-    from scipy import stats
+    """Mean and Student-t half-width over seeds (NaN dropped), as in the chapters'
+    tables (:func:`medlora_lib.stats.seed_summary`)."""
+    from medlora_lib.stats import _t_interval
 
-    v = values[~np.isnan(values)]
-    if len(v) == 0:
-        return float("nan"), float("nan")
-    if len(v) == 1:
-        return float(v[0]), float("nan")
-    half = (
-        stats.t.ppf((1 + confidence) / 2, len(v) - 1)
-        * v.std(ddof=1)
-        / math.sqrt(len(v))
-    )
-    return float(v.mean()), float(half)
+    mean, _, half, _, _ = _t_interval(values[~np.isnan(values)], confidence)
+    return mean, half
 
 
 def privacy_table(frame: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
