@@ -113,3 +113,37 @@ def test_the_tradeoff_plot_draws_each_kind_at_its_epsilon():
     xs = sorted(float(x) for line in ax.get_lines() for x in line.get_xdata()[:1])
     assert 4.0 in xs and 9.0 in xs
     assert ax.get_xscale() == "log"
+
+
+def test_local_adapter_sentence_says_when_an_interval_holds_zero():
+    from medlora_lib.privacy.report import local_adapter_sentence
+
+    local = pd.DataFrame(
+        [
+            {
+                "setting": "no DP",
+                "local_adapter_adds": 0.0,
+                "half_width": 0.1,
+                "deployed": 0.7,
+                "global_only": 0.7,
+            },
+            {
+                "setting": "site DP z=1",
+                "local_adapter_adds": 0.188,
+                "half_width": 0.1,
+                "deployed": 0.698,
+                "global_only": 0.510,
+            },
+            {
+                "setting": "DP-SGD z=1",
+                "local_adapter_adds": 0.01,
+                "half_width": 0.05,
+                "deployed": 0.53,
+                "global_only": 0.52,
+            },
+        ]
+    )
+    text = local_adapter_sentence(local)
+    assert "no DP" not in text
+    assert "site DP z=1: +0.188 (± 0.100) — deployed 0.698" in text
+    assert "DP-SGD z=1: +0.010 (± 0.050), not distinguishable from 0" in text

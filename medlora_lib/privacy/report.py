@@ -20,6 +20,7 @@ __all__ = [
     "local_adapter_under_dp",
     "privacy_verdict",
     "epsilon_curves",
+    "local_adapter_sentence",
 ]
 
 _KEYS = ["method", "setting", "kind"]
@@ -176,3 +177,20 @@ def epsilon_curves(runs: Iterable[tuple[str, str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(
         rows, columns=["setting", "kind", "method", "seed", "round", "epsilon"]
     )
+
+
+def local_adapter_sentence(local: pd.DataFrame) -> str:
+    """What Med-DualLoRA's local adapter adds under each DP setting, as a sentence
+    computed from :func:`local_adapter_under_dp` (an interval that holds 0 is said
+    to be indistinguishable from nothing)."""
+    parts = []
+    for _, r in local[local["setting"] != "no DP"].iterrows():
+        h = r["half_width"]
+        sure = np.isfinite(h) and abs(r["local_adapter_adds"]) > h
+        parts.append(
+            f"{r['setting']}: {r['local_adapter_adds']:+.3f}"
+            + (f" (± {h:.3f})" if np.isfinite(h) else "")
+            + ("" if sure else ", not distinguishable from 0")
+            + f" — deployed {r['deployed']:.3f} vs global only {r['global_only']:.3f}"
+        )
+    return "The local adapter adds, in balanced accuracy: " + "; ".join(parts) + "."
