@@ -136,8 +136,10 @@ def test_opacus_per_sample_gradients_through_peft_lora_and_the_suffix(
 
     r = rt if method == "fedavg_lora" else _build(_cfg(method), smoke_dir)
     shared = start if method == "fedavg_lora" else get_shared_state(r.model)
+    g = torch.Generator().manual_seed(7)  # a fixed non-zero local part
     private = {
-        k: v + 0.05 * torch.randn_like(v) for k, v in get_private_state(r.model).items()
+        k: v + 0.05 * torch.randn(v.shape, generator=g, dtype=v.dtype)
+        for k, v in get_private_state(r.model).items()
     }
     r.load(shared, private)
     r.model.train()
@@ -157,7 +159,8 @@ def test_opacus_per_sample_gradients_through_peft_lora_and_the_suffix(
             ).backward()
             for n, p, w in zip(names, params, want, strict=True):
                 assert p.grad_sample.shape == (5, *p.shape), n
-                torch.testing.assert_close(p.grad_sample, w, atol=1e-6, rtol=1e-4)
+                # float32, other summation orders: a few ulp of the largest entry
+                torch.testing.assert_close(p.grad_sample, w, atol=1e-5, rtol=1e-4)
         finally:
             gsm._close()
             for p in params:

@@ -127,6 +127,10 @@ def test_a_target_epsilon_the_rounds_cannot_meet_says_what_would():
     )
     with pytest.raises(ConfigError) as err:
         check_site_dp_budget(cfg)
+    from medlora_lib.fl.task import validate_config
+
+    with pytest.raises(ConfigError, match="privacy.target_epsilon"):
+        validate_config(cfg)  # refused before any run starts
     text = str(err.value)
     assert "privacy.target_epsilon" in text and "fed.num_rounds=20" in text
     z = float(text.split("privacy.noise_multiplier to at least ")[1].split(",")[0])

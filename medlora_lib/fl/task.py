@@ -98,6 +98,10 @@ def validate_config(cfg: ExperimentConfig) -> None:
         from medlora_lib.privacy.dp_sgd import check_dp_sgd
 
         check_dp_sgd(cfg)
+    if cfg.privacy.site_dp != "off":  # before Flower starts, not inside the ServerApp
+        from medlora_lib.fl.site_dp import check_site_dp_budget
+
+        check_site_dp_budget(cfg)
 
 
 _RUNTIMES: dict[tuple[str, str], ClientRuntime] = {}
