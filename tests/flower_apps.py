@@ -9,6 +9,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def train_message(shared, rnd: int = 1, node: int = 1, **extra):
+    """A train message exactly as the project's strategy builds it (its
+    ``round_config``), plus ``extra`` config keys (e.g. a DP wrapper's
+    ``clipping_norm``): for tests of the site side."""
+    from flwr.app import ArrayRecord, Message, RecordDict
+
+    from medlora_lib.fl.strategies import MedloraFedAvg
+
+    config = MedloraFedAvg(lr=1e-3, run_key="k").round_config(rnd, False)
+    for k, v in extra.items():
+        config[k] = v
+    return Message(
+        RecordDict({"arrays": ArrayRecord(shared), "config": config}),
+        dst_node_id=node,
+        message_type="train",
+    )
+
+
 def failing_app(tmp: Path) -> Path:
     """The project's app with ``components.clientapp`` = the failing test ClientApp."""
     app = tmp / "failing_app"

@@ -11,13 +11,14 @@ import json
 import dp_accounting
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context, RecordDict
 
 from medlora_lib.adapters import get_private_state, get_shared_state
 from medlora_lib.config import RunOptions, get_config, to_run_config
 from medlora_lib.errors import ConfigError
 from medlora_lib.fl.task import ClientRuntime, RoundOutput, round_seed
 from medlora_lib.privacy import dp_sgd
+from tests.flower_apps import train_message
 from tests.test_fl_layer import _task_identity as _task_identity  # noqa: F401 (autouse)
 
 SITE = "Siemens"  # 8 training subjects in the smoke data (7 diseased, 1 healthy)
@@ -352,24 +353,6 @@ def test_a_target_epsilon_is_spent_by_the_last_round(rt, start, accountant):
 
 
 # ------------------------------------------------------------------ (d) restart
-def _message(shared, rnd: int) -> Message:
-    config = ConfigRecord(
-        {
-            "server-round": rnd,
-            "lr": 1e-3,
-            "proximal-mu": 0.0,
-            "evaluate-first": False,
-            "run-key": "k",
-            "experiment": 0,
-        }
-    )
-    return Message(
-        RecordDict({"arrays": ArrayRecord(shared), "config": config}),
-        dst_node_id=1,
-        message_type="train",
-    )
-
-
 def _site_train(cfg, state_dir, shared, rnd: int):
     """The ClientApp's train handler on simulated SuperNode 0 (site Siemens)."""
     from medlora_lib.fl.client_app import train
@@ -381,7 +364,7 @@ def _site_train(cfg, state_dir, shared, rnd: int):
         state=RecordDict(),
         run_config=to_run_config(cfg, RunOptions(state_dir=str(state_dir))),
     )
-    rep = train(_message(shared, rnd), ctx)
+    rep = train(train_message(shared, rnd), ctx)
     return rep.content["arrays"].to_torch_state_dict(), dict(rep.content["metrics"])
 
 

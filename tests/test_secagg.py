@@ -632,7 +632,7 @@ def test_loopback_deployment_with_secagg(tmp_path):
     import time
 
     from medlora_lib.fl import simulate
-    from medlora_lib.fl.deploy import Deployment
+    from medlora_lib.fl.deploy import deploy
 
     def cfg(secagg: bool):
         overrides = {
@@ -647,15 +647,9 @@ def test_loopback_deployment_with_secagg(tmp_path):
 
     plain = simulate(cfg(False), verbose=False, runtime="inprocess")
     t0 = time.perf_counter()
-    dep = Deployment(cfg(True), tmp_path / "w", record_messages=True)
-    try:
-        dep.start_superlink()
-        for s in dep.sites:
-            dep.start_supernode(s)
-        assert dep.run(timeout=600) == 0
-        result = dep.result()
-    finally:
-        dep.stop()
+    result = deploy(
+        cfg(True), work_dir=tmp_path / "w", record_messages=True, verbose=False
+    )
     print(f"SecAgg+ deployment: {time.perf_counter() - t0:.1f} s")
     assert result.provenance["runtime"] == "flower-deployment"
     assert result.failures == []

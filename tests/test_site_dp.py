@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 
 from medlora_lib.config import get_config, to_run_config
 from medlora_lib.errors import ConfigError
@@ -17,6 +17,8 @@ from medlora_lib.fl.site_dp import (
     check_site_dp_budget,
     site_dp_epsilon,
 )
+from medlora_lib.fl.strategies import ROUND_CONFIG_KEYS
+from tests.flower_apps import train_message
 from tests.test_fl_layer import FakeGrid, _site
 from tests.test_fl_layer import _task_identity as _task_identity  # noqa: F401 (autouse)
 
@@ -213,25 +215,6 @@ def test_without_dp_the_strategy_aggregate_is_the_weighted_mean():
 
 
 # ------------------------------------------------------------------------- the site
-def _train_message(cfg, **extra):
-    config = ConfigRecord(
-        {
-            "server-round": 1,
-            "lr": 1e-3,
-            "proximal-mu": 0.0,
-            "evaluate-first": False,
-            "run-key": "k",
-            "experiment": 0,
-            **extra,
-        }
-    )
-    return Message(
-        RecordDict({"arrays": ArrayRecord({"w": torch.zeros(3)}), "config": config}),
-        dst_node_id=1,
-        message_type="train",
-    )
-
-
 def _context(cfg):
     return Context(
         run_id=1,
@@ -259,7 +242,9 @@ def test_client_side_clipping_happens_at_the_site_with_flowers_mod():
     from medlora_lib.fl.mods import privacy_mod
 
     cfg = _cfg(site_dp="client_fixed", clipping_norm=0.5)
-    rep = privacy_mod(_train_message(cfg, clipping_norm=0.5), _context(cfg), _handler)
+    rep = privacy_mod(
+        train_message({"w": torch.zeros(3)}, clipping_norm=0.5), _context(cfg), _handler
+    )
     w = rep.content["arrays"].to_torch_state_dict()["w"]
     assert float(torch.linalg.vector_norm(w)) == pytest.approx(0.5, rel=1e-5)
 
@@ -268,19 +253,12 @@ def test_privacy_mod_is_a_no_op_when_privacy_is_off():
     from medlora_lib.fl.mods import privacy_mod
 
     cfg = _cfg()
-    msg = _train_message(cfg)
+    msg = train_message({"w": torch.zeros(3)})
     rep = privacy_mod(msg, _context(cfg), _handler)
     assert torch.equal(
         rep.content["arrays"].to_torch_state_dict()["w"], torch.full((3,), 2.0)
     )
-    assert set(msg.content["config"].keys()) == {
-        "server-round",
-        "lr",
-        "proximal-mu",
-        "evaluate-first",
-        "run-key",
-        "experiment",
-    }
+    assert tuple(msg.content["config"].keys()) == ROUND_CONFIG_KEYS
 
 
 def test_minimal_metrics_send_only_the_validation_selection_metric():
