@@ -56,6 +56,16 @@ def _check(cond: bool, name: str, message: str) -> None:
         raise ConfigError(f"config field `{name}`: {message}")
 
 
+def _choice(section: Any, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(section, name)
+    label = type(section).__name__.replace("Config", "").lower()
+    _check(
+        value in choices,
+        f"{label}.{name}",
+        f"unknown value {value!r}; choose one of {', '.join(map(repr, choices))}",
+    )
+
+
 @dataclass
 class DataConfig:
     """Where the data comes from and how it is preprocessed."""
@@ -85,7 +95,10 @@ class DataConfig:
     val_fraction: float = _help("Validation share of each client.", default=0.15)
     test_fraction: float = _help("Test share of each client.", default=0.25)
     augment: bool = _help(
-        "Training-time augmentation (disables the frozen-prefix cache).",
+        "CineMA's training-time augmentation (MONAI: gamma contrast, Gaussian noise, "
+        "rescaling, in-plane rotation / scaling / translation; "
+        "medlora_lib.recipe.make_augmentation), applied to every training batch. It "
+        "switches the frozen-prefix cache off (the `paper` profile: on).",
         default=False,
     )
     split: Literal["per_seed", "fixed"] = _help(
@@ -197,13 +210,71 @@ class TrainConfig:
         "Weight the loss by inverse class frequency of the client's training split.",
         default="balanced",
     )
-    use_prefix_cache: bool = _help(
-        "Cache everything before the first adapted block (exact; needs no augmentation).",
-        default=True,
+    use_prefix_cache: Literal["auto", "on", "off"] = _help(
+        "Cache everything before the first adapted block (exact, since the prefix is "
+        "frozen): `auto` = whenever it is exact, i.e. without augmentation "
+        "(`data.augment=true` switches it off, and the run says so); `on` = required "
+        "(refused together with data.augment); `off` = never. true / false are read "
+        "as `auto` / `off`.",
+        default="auto",
     )
     selection_metric: Literal["balanced_accuracy", "mcc", "auc"] = _help(
-        "Validation metric used to pick the checkpoint (decided before testing).",
+        "Validation metric used to pick each site's round (decided before testing) "
+        "and monitored by early stopping (CineMA: `mcc`).",
         default="balanced_accuracy",
+    )
+    schedule: Literal["constant", "warmup_cosine"] = _help(
+        "Learning-rate schedule over the federation's global step count: `constant` "
+        "= train.lr throughout; `warmup_cosine` = CineMA's linear warm-up over the "
+        "first train.warmup_fraction of training, then a half cosine down to "
+        "train.min_lr at the last step of the last round (a step's position is "
+        "(round - 1 + fraction of the round done) / fed.num_rounds).",
+        default="constant",
+    )
+    warmup_fraction: float = _help(
+        "warmup_cosine: share of the whole training spent warming up (CineMA: 10 of "
+        "its epochs).",
+        default=0.1,
+    )
+    min_lr: float = _help(
+        "warmup_cosine: the learning rate at the end (CineMA: 1e-5).", default=1e-5
+    )
+    layer_decay: float = _help(
+        "Layer-wise learning-rate decay (CineMA: 0.75): a tensor of transformer block "
+        "i (LoRA factors included) learns at layer_decay^(depth - i) of the rate, the "
+        "conv stem and embeddings at layer_decay^(depth + 1), the heads and final norm "
+        "at the full rate. 1 = off.",
+        default=1.0,
+    )
+    patience: int = _help(
+        "Early stopping: stop the federation once the sites' mean validation "
+        "train.selection_metric has not improved by train.min_delta for this many "
+        "evaluated rounds (CineMA: 5 evaluations). 0 = run all fed.num_rounds.",
+        default=0,
+    )
+    min_delta: float = _help(
+        "Early stopping: the smallest gain that counts as an improvement.", default=1e-4
+    )
+    amp: Literal["auto", "off", "bf16", "fp16"] = _help(
+        "Mixed precision on CUDA: `auto` = bf16 where the GPU supports it, otherwise "
+        "fp16 with a GradScaler; `bf16` / `fp16` as asked. On a CPU `auto` trains in "
+        "fp32, and an explicit bf16 / fp16 falls back to fp32 with a warning.",
+        default="auto",
+    )
+    grad_checkpointing: bool = _help(
+        "Recompute the activations of the transformer blocks that need gradients in "
+        "the backward pass instead of storing them (CineMA's configs: on). Changes "
+        "memory and time only, not the numbers.",
+        default=False,
+    )
+    optimizer_state: Literal["reset", "private", "all"] = _help(
+        "AdamW's moments across rounds at a site: `reset` = a fresh optimiser every "
+        "round; `private` = the moments of the tensors that never leave the site "
+        "(local adapter, private head, FedSA's B; every tensor for `local` and "
+        "`centralized`) are kept in the site's state, saved with its private tensors "
+        "so that a restarted SuperNode continues; `all` = the moments of the shared "
+        "tensors too, continued from the aggregate the site receives.",
+        default="reset",
     )
     device: str = _help("`cpu`, `cuda` or `auto`.", default="auto")
     num_threads: int = _help("torch CPU threads (0 = torch default).", default=0)
@@ -224,6 +295,28 @@ class TrainConfig:
             "train.selection_metric",
             "choose `balanced_accuracy`, `mcc` or `auc`",
         )
+        cache = self.use_prefix_cache
+        if isinstance(cache, bool) or str(cache).lower() in ("true", "false"):
+            self.use_prefix_cache = (  # type: ignore[assignment]
+                "auto" if str(cache).lower() == "true" else "off"
+            )
+        _choice(self, "use_prefix_cache", ("auto", "on", "off"))
+        _choice(self, "schedule", ("constant", "warmup_cosine"))
+        _choice(self, "amp", ("auto", "off", "bf16", "fp16"))
+        _choice(self, "optimizer_state", ("reset", "private", "all"))
+        _check(
+            0 <= self.warmup_fraction < 1,
+            "train.warmup_fraction",
+            f"must lie in [0, 1), got {self.warmup_fraction}",
+        )
+        _check(self.min_lr >= 0, "train.min_lr", "must be >= 0")
+        _check(
+            0 < self.layer_decay <= 1,
+            "train.layer_decay",
+            f"must lie in (0, 1] (1 = off; CineMA: 0.75), got {self.layer_decay}",
+        )
+        _check(self.patience >= 0, "train.patience", "must be >= 0 (0 = off)")
+        _check(self.min_delta >= 0, "train.min_delta", "must be >= 0")
 
 
 @dataclass
@@ -606,7 +699,20 @@ class ExperimentConfig:
             f"expected an integer, got {self.seed!r}",
         )
         self.adapter_config()  # validates the adapter section against the method
+        if self.data.augment and self.train.use_prefix_cache == "on":
+            raise ConfigError(
+                "config fields `data.augment` and `train.use_prefix_cache`: "
+                "augmentation changes a subject's frozen-prefix output every epoch, so "
+                "the prefix cannot be cached; set train.use_prefix_cache='auto' (the "
+                "cache goes off while augmenting) or data.augment=false"
+            )
         self._check_privacy()
+
+    @property
+    def uses_prefix_cache(self) -> bool:
+        """Whether training runs on the frozen-prefix cache (``train.use_prefix_cache``
+        not ``off`` and no augmentation)."""
+        return self.train.use_prefix_cache != "off" and not self.data.augment
 
     def _check_privacy(self) -> None:
         from medlora_lib.adapters import METHODS
@@ -776,9 +882,21 @@ _PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
             "spacing": (1.0, 1.0, 10.0),
             "crop": "shift_inside",
             "intensity": "per_frame",
+            "augment": True,
         },
         "model": {"size": "base", "pretrained": "hub", "drop_path": 0.1},
-        "train": {"local_epochs": 1, "batch_size": 8},
+        # CineMA's fine-tuning recipe (medlora_lib.recipe; its classification configs)
+        "train": {
+            "local_epochs": 1,
+            "batch_size": 8,
+            "schedule": "warmup_cosine",
+            "layer_decay": 0.75,
+            "selection_metric": "mcc",
+            "patience": 5,
+            "amp": "auto",
+            "grad_checkpointing": True,
+            "optimizer_state": "private",
+        },
         "fed": {"num_rounds": 30},
     },
 }

@@ -353,8 +353,14 @@ def finetune_pooled(
     acfg = adapter_config(cfg, "centralized")
     model = apply_adapters(model, acfg, "centralized", seed=seed)
     device = resolve_device(cfg.train.device)
-    use_cache = cfg.train.use_prefix_cache and not cfg.data.augment
-    start = first_adapted_block(acfg, model) if use_cache else None
+    from medlora_lib.recipe import BatchAugmenter, set_grad_checkpointing
+
+    start = first_adapted_block(acfg, model) if cfg.uses_prefix_cache else None
+    set_grad_checkpointing(model, cfg.train.grad_checkpointing)
+    augment = None
+    if cfg.data.augment:
+        augment = BatchAugmenter(cfg.data.spacing)
+        augment.seed(seed)
 
     def pooled(split: str) -> tuple[torch.Tensor, torch.Tensor]:
         parts = [c.splits[split] for c in clients.values() if split in c.splits]
@@ -381,6 +387,7 @@ def finetune_pooled(
         epochs=epochs,
         seed=seed,
         device=device,
+        augment=augment,
         on_epoch=(
             lambda r: print(
                 f"epoch {r['epoch']:3d}  loss {r['train_loss']:.4f}  "

@@ -19,12 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from monai.transforms import (
-    Compose,
-    RandAdjustContrast,
-    RandAffine,
-    RandGaussianNoise,
-)
+from monai.transforms import Compose
 from torch.utils.data import Dataset
 
 from medlora_lib.data.manifest import SPLITS, VENDORS, normalise_vendor, read_manifest
@@ -99,22 +94,13 @@ def load_arrays(
     return np.stack(images), manifest["label"].to_numpy(dtype=np.int64)
 
 
-def make_augmentation() -> Compose:
-    """The training augmentation (MONAI), for ``(2, H, W, D)`` images in [0, 1]."""
-    return Compose(
-        [
-            RandAffine(
-                prob=0.5,
-                rotate_range=(0.0, 0.0, np.pi / 12),  # in-plane (about the slice axis)
-                scale_range=(0.1, 0.1, 0.0),
-                translate_range=(2.0, 2.0, 0.0),
-                mode="bilinear",
-                padding_mode="zeros",
-            ),
-            RandAdjustContrast(prob=0.5, gamma=(0.7, 1.5)),
-            RandGaussianNoise(prob=0.5, mean=0.0, std=0.03),
-        ]
-    )
+def make_augmentation(spacing: Sequence[float] = (1.0, 1.0, 10.0)) -> Compose:
+    """The training augmentation (MONAI), for ``(2, H, W, D)`` images in [0, 1]:
+    CineMA's (:func:`medlora_lib.recipe.make_augmentation`; translation in mm, converted
+    with the data's ``spacing``)."""
+    from medlora_lib.recipe import make_augmentation as cinema_augmentation
+
+    return cinema_augmentation(spacing)
 
 
 class CineDataset(Dataset):
@@ -130,6 +116,8 @@ class CineDataset(Dataset):
         vendor: keep only this vendor (or list; any accepted spelling); all if None.
         augment: apply :func:`make_augmentation` (training only).
         seed: augmentation seed.
+        spacing: voxel spacing of the prepared data in mm (the augmentation's
+            translation range is 60 mm); the `paper` profile's by default.
         cache: hold all arrays in memory after the first load (loaded once, up front).
         data_dir: folder for a DataFrame without ``attrs["data_dir"]``.
 
@@ -147,6 +135,7 @@ class CineDataset(Dataset):
         cache: bool = True,
         *,
         data_dir: str | Path | None = None,
+        spacing: Sequence[float] = (1.0, 1.0, 10.0),
     ) -> None:
         if isinstance(data, pd.DataFrame):
             df = data
@@ -175,7 +164,7 @@ class CineDataset(Dataset):
         self.augment = augment
         self.seed = int(seed)
         self.epoch = 0
-        self._transform = make_augmentation() if augment else None
+        self._transform = make_augmentation(spacing) if augment else None
         self._paths = [root / p for p in self.manifest["path"]]
         self._labels = self.manifest["label"].to_numpy(dtype=np.int64)
         self._cache: np.ndarray | None = None

@@ -43,8 +43,18 @@ KEEP = 2
 
 
 def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
-    """``config`` (``ExperimentConfig.to_dict()``) without the operational keys."""
-    d = json.loads(json.dumps(config))
+    """``config`` (``ExperimentConfig.to_dict()``) without the operational keys.
+
+    The dictionary is read back through :class:`ExperimentConfig` first, so a config
+    saved before a field existed compares equal to one holding that field's default.
+    """
+    from medlora_lib.config import ExperimentConfig
+    from medlora_lib.errors import ConfigError
+
+    try:
+        d = ExperimentConfig.from_dict(config).to_dict()
+    except (ConfigError, TypeError, ValueError):
+        d = json.loads(json.dumps(config))
     for key in OPERATIONAL_KEYS:
         section, name = key.split(".")
         d.get(section, {}).pop(name, None)

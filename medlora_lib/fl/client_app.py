@@ -395,6 +395,9 @@ def train(msg: Message, context: Context, ctx: SiteContext) -> Message:
         from medlora_lib.privacy.dp_sgd import META_KEY, saved_dp_state
 
         dp_state = saved_dp_state(store, run_key)
+    kept = None
+    if ctx.cfg.train.optimizer_state != "reset":  # AdamW moments stay at the site
+        kept = store.optimizer_before(run_key, rnd)
     out = rt.train_round(
         shared,
         private,
@@ -403,6 +406,7 @@ def train(msg: Message, context: Context, ctx: SiteContext) -> Message:
         lr=float(cfg.get("lr", ctx.cfg.train.lr)),
         dp_state=dp_state,
         fresh_randomness=ctx.deployed,  # DP-SGD's batches and noise: unseeded
+        optimizer_state=kept,
     )
     if list(out.shared) != rt.shared_keys:  # never send anything but the shared part
         raise RuntimeError(
@@ -411,7 +415,13 @@ def train(msg: Message, context: Context, ctx: SiteContext) -> Message:
     if out.dp_state is not None:
         meta = {META_KEY: out.dp_state}
     t0 = time.perf_counter()
-    store.save_round(run_key, rnd, out.private, {"train_loss": out.train_loss, **meta})
+    store.save_round(
+        run_key,
+        rnd,
+        out.private,
+        {"train_loss": out.train_loss, **meta},
+        optimizer=out.optimizer,
+    )
     state_s += time.perf_counter() - t0
     metrics = MetricRecord(
         {

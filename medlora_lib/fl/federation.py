@@ -146,6 +146,10 @@ class InProcessSites:
         }
         self.mu = 0.0
         self.on_train: Callable[[str, Any], None] | None = None
+        #: AdamW moments a site keeps across rounds (``train.optimizer_state``)
+        self.optimizer: dict[str, dict[str, torch.Tensor] | None] = {
+            s: None for s in runtimes
+        }
 
     def sites(self, rnd: int) -> list[str]:
         return list(self.runtimes)
@@ -171,8 +175,15 @@ class InProcessSites:
         for s in sites:
             rt = self.runtimes[s]
             prev = rt.evaluate_round(shared, self.private[s]) if evaluate_first else {}
-            res = rt.train_round(shared, self.private[s], rnd, proximal_mu=self.mu)
+            res = rt.train_round(
+                shared,
+                self.private[s],
+                rnd,
+                proximal_mu=self.mu,
+                optimizer_state=self.optimizer[s],
+            )
             self.private[s] = res.private
+            self.optimizer[s] = res.optimizer
             if self.on_train is not None:
                 self.on_train(s, res)
             out.replies[s] = SiteReply(
@@ -285,8 +296,31 @@ def run_rounds(
                     flush=True,
                 )
 
+    from medlora_lib.recipe import early_stop_round
+
     sites: list[str] = []
+    last = start_round - 1
     for rnd in range(start_round, total + 1):
+        # early stopping (train.patience) on the rounds evaluated so far; evaluation of
+        # round r arrives with round r + 1's replies, so one round more is trained
+        # than the criterion saw (a resumed run decides the same from its rows)
+        stop = early_stop_round(
+            table.values(),
+            cfg.train.selection_metric,
+            cfg.train.patience,
+            cfg.train.min_delta,
+        )
+        if stop is not None:
+            if verbose:
+                print(
+                    f"[{label}] early stop: mean validation "
+                    f"{cfg.train.selection_metric} has not improved for "
+                    f"{cfg.train.patience} round(s) (last gain before round "
+                    f"{stop - cfg.train.patience + 1}); the run ends after round "
+                    f"{rnd - 1}",
+                    flush=True,
+                )
+            break
         sites = transport.sites(rnd)
         out = transport.train(rnd, sites, shared, rnd > 1)
         fail(rnd, "train", out.failures)
@@ -334,14 +368,17 @@ def run_rounds(
             checkpoint(rnd, shared, _sorted(table), fails)
             for site in out.replies:
                 row(rnd, site)["checkpoint_s"] = time.perf_counter() - t_ck
+        last = rnd
+    if start_round > total:  # a resumed run whose rounds are all done
+        last = total
     # the last round's model: one evaluate step
-    sites = sites or transport.sites(total)
-    ev = transport.evaluate(total, sites, shared)
-    fail(total, "evaluate", ev.failures)
+    sites = sites or transport.sites(last)
+    ev = transport.evaluate(last, sites, shared)
+    fail(last, "evaluate", ev.failures)
     for site, per in ev.replies.items():
-        record_eval(total, dict(_clients(per)))
+        record_eval(last, dict(_clients(per)))
         for client, _ in _clients(per):
-            row(total, client).update(ev.bytes.get(site, {}))
+            row(last, client).update(ev.bytes.get(site, {}))
     return {
         "rows": _sorted(table),
         "failures": fails,

@@ -177,11 +177,15 @@ class SiteStateStore:
         rnd: int,
         private: dict[str, torch.Tensor],
         meta: dict[str, Any] | None = None,
+        optimizer: dict[str, torch.Tensor] | None = None,
     ) -> Path:
-        """Write the private state that training in round ``rnd`` produced."""
+        """Write the private state that training in round ``rnd`` produced (and the
+        optimiser moments the site keeps, ``train.optimizer_state``)."""
         d = self.run_dir(run_key)
         with _staged(d, f"round-{rnd:04d}") as tmp:
             atomic_write_tensors(tmp / "private.safetensors", private)
+            if optimizer:
+                atomic_write_tensors(tmp / "optimizer.safetensors", optimizer)
             _write_json(
                 tmp / "round.json", {"round": rnd, "site": self.site, **(meta or {})}
             )
@@ -200,6 +204,18 @@ class SiteStateStore:
         return r, read_tensors(
             self.run_dir(run_key) / f"round-{r:04d}" / "private.safetensors"
         )
+
+    def optimizer_before(
+        self, run_key: str, rnd: int
+    ) -> dict[str, torch.Tensor] | None:
+        """The optimiser moments saved with the newest round before ``rnd`` (or None)."""
+        earlier = [r for r in self.rounds(run_key) if r < rnd]
+        if not earlier:
+            return None
+        path = (
+            self.run_dir(run_key) / f"round-{earlier[-1]:04d}" / "optimizer.safetensors"
+        )
+        return read_tensors(path) if path.exists() else None
 
     # ------------------------------------------------------------------ deployed model
     def save_deployed(

@@ -4,8 +4,8 @@ Chapters ``notebooks/03_fedavg_lora`` (the federated loop) and ``notebooks/04_me
 (global + local adapters, what stays at the site).
 
 A :class:`ClientRuntime` holds one site's model (frozen backbone + the method's adapters)
-and its data (the frozen-prefix cache when ``train.use_prefix_cache`` and no augmentation).
-It is built once per process and experiment (:func:`get_runtime`) and kept in process
+and its data (the frozen-prefix cache when ``train.use_prefix_cache`` allows it and
+there is no augmentation). It is built once per process and experiment (:func:`get_runtime`) and kept in process
 memory; the trainable tensors are overwritten from the message (shared) and from the
 site's private state at the start of every call, so reusing it never leaks state between
 rounds, and a fresh process (Deployment Runtime) simply rebuilds it.
@@ -104,6 +104,15 @@ def validate_config(cfg: ExperimentConfig) -> None:
         check_site_dp_budget(cfg)
 
 
+_SAID: set[str] = set()
+
+
+def _say_once(text: str) -> None:
+    if text not in _SAID:
+        _SAID.add(text)
+        print(text, flush=True)
+
+
 _RUNTIMES: dict[tuple[str, str], ClientRuntime] = {}
 _PREFIX_CACHE: dict[str, Any] = {}
 
@@ -128,6 +137,9 @@ class RoundOutput:
     #: its private tensors (accountant history, σ, q, steps; chapter ``08_privacy``).
     epsilon: float | None = None
     dp_state: dict[str, Any] | None = None
+    #: ``train.optimizer_state`` not ``reset``: AdamW's moments of the tensors the site
+    #: keeps (:func:`medlora_lib.recipe.optimizer_state`), saved with its private state.
+    optimizer: dict[str, torch.Tensor] | None = None
 
 
 def _confusion(y: np.ndarray, prob: np.ndarray) -> dict[str, int]:
@@ -162,6 +174,10 @@ class ClientRuntime:
     device: torch.device
     shared_keys: list[str] = field(default_factory=list)
     private_keys: list[str] = field(default_factory=list)
+    #: CineMA's recipe (medlora_lib.recipe): the batch augmentation (data.augment) and
+    #: the precision of every step (train.amp)
+    augment: Any = None
+    precision: Any = None
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -195,10 +211,23 @@ class ClientRuntime:
             raise DataError(
                 f"site(s) {missing} have no training split; check manifest.csv"
             )
+        from medlora_lib.recipe import (
+            BatchAugmenter,
+            resolve_precision,
+            set_grad_checkpointing,
+        )
+
         model = build_adapted_model(cfg)
         device = resolve_device(cfg.train.device)
-        use_cache = cfg.train.use_prefix_cache and not cfg.data.augment
+        use_cache = cfg.uses_prefix_cache
         start = first_adapted_block(cfg.adapter_config(), model) if use_cache else None
+        set_grad_checkpointing(model, cfg.train.grad_checkpointing)
+        if cfg.data.augment and cfg.train.use_prefix_cache == "auto":
+            _say_once(
+                "data.augment=true: the frozen-prefix cache is off (an augmented "
+                "subject's prefix output changes every epoch), so every step runs the "
+                "whole model"
+            )
         model.eval()
 
         def inputs(name: str, split: str) -> dict[str, torch.Tensor]:
@@ -253,6 +282,8 @@ class ClientRuntime:
             device=device,
             shared_keys=list(get_shared_state(model)),
             private_keys=list(get_private_state(model)),
+            augment=BatchAugmenter(cfg.data.spacing) if cfg.data.augment else None,
+            precision=resolve_precision(cfg.train.amp, device),
         )
 
     # ------------------------------------------------------------------ helpers
@@ -275,6 +306,20 @@ class ClientRuntime:
         )
 
     # ------------------------------------------------------------------ train
+    def kept_optimizer_names(self) -> list[str]:
+        """The tensors whose AdamW moments cross rounds (``train.optimizer_state``):
+        none (``reset``), the private ones (``private``; every tensor for a method
+        without a server), or every trainable one (``all``)."""
+        from medlora_lib.adapters import METHODS, _named_params
+
+        mode = self.cfg.train.optimizer_state
+        trainable = [n for n, p in _named_params(self.model) if p.requires_grad]
+        if mode == "reset":
+            return []
+        if mode == "all" or not METHODS[self.cfg.method].federated:
+            return trainable
+        return [n for n in trainable if n in set(self.private_keys)]
+
     def train_round(
         self,
         shared: dict[str, torch.Tensor],
@@ -284,27 +329,42 @@ class ClientRuntime:
         lr: float | None = None,
         dp_state: dict[str, Any] | None = None,
         fresh_randomness: bool = False,
+        optimizer_state: dict[str, torch.Tensor] | None = None,
     ) -> RoundOutput:
         """Load state, train ``train.local_epochs`` epochs, return the new state.
 
-        The random state (batch order, dropout) is seeded by
-        :func:`round_seed` ``(seed, site, rnd)``; the optimiser (AdamW) starts afresh
-        every round (our choice: optimiser state never crosses rounds or leaves the site).
+        The random state (batch order, dropout, augmentation) is seeded by
+        :func:`round_seed` ``(seed, site, rnd)``. ``lr`` is the server's base rate of
+        the round (default ``train.lr``); CineMA's recipe (:mod:`medlora_lib.recipe`)
+        applies as configured: the schedule over the federation's steps
+        (``train.schedule``; this round covers ``(rnd - 1, rnd] / fed.num_rounds``),
+        layer-wise decay, augmentation, mixed precision. The optimiser (AdamW) starts
+        afresh every round unless ``train.optimizer_state`` keeps the moments of some
+        tensors: they come in as ``optimizer_state`` (the site's saved state) and go out
+        in :attr:`RoundOutput.optimizer`, never in a message.
 
         With ``privacy.dp_sgd`` the epochs are DP-SGD
         (:func:`medlora_lib.privacy.dp_sgd.train_dp_sgd`: Poisson-sampled batches,
         per-sample clipping instead of ``train.grad_clip``, Gaussian noise, FedProx's
-        term added after the DP step), continuing the site's accountant from
+        term added after the DP step, fp32), continuing the site's accountant from
         ``dp_state``; ``fresh_randomness`` (a deployed site) draws its batches and
         noise from the OS instead of the round seed. Without it nothing changes.
         """
         import time
 
         from medlora_lib.adapters import (
+            _named_params,
             get_private_state,
             get_shared_state,
             proximal_term,
         )
+        from medlora_lib.recipe import (
+            load_optimizer_state,
+            lr_at,
+            model_depth,
+            set_lr,
+        )
+        from medlora_lib.recipe import optimizer_state as export_optimizer
         from medlora_lib.train import class_weights, make_optimizer, train_one_epoch
 
         t0 = time.perf_counter()
@@ -313,11 +373,23 @@ class ClientRuntime:
         seed = round_seed(cfg.seed, self.site, rnd)
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = make_optimizer(params, cfg.train)
-        if lr is not None:  # the server's learning rate for this round
-            for group in optimizer.param_groups:
-                group["lr"] = float(lr)
+        if self.augment is not None:
+            self.augment.seed(seed)
+        named = [(n, p) for n, p in _named_params(self.model) if p.requires_grad]
+        params = [p for _, p in named]
+        optimizer = make_optimizer(named, cfg.train, model_depth(self.model))
+        keep = self.kept_optimizer_names()
+        if keep:
+            load_optimizer_state(
+                optimizer, [(n, p) for n, p in named if n in set(keep)], optimizer_state
+            )
+        base_lr = float(cfg.train.lr if lr is None else lr)
+        total = max(int(cfg.fed.num_rounds), 1)
+
+        def schedule(done: float) -> None:  # done: fraction of this round
+            set_lr(optimizer, lr_at((rnd - 1 + done) / total, base_lr, cfg.train))
+
+        schedule(0.0)
         weight = (
             class_weights(self.train_labels)
             if cfg.train.class_weighting == "balanced"
@@ -334,6 +406,7 @@ class ClientRuntime:
             def extra() -> torch.Tensor:
                 return proximal_term(self.model, ref, proximal_mu)
 
+        scheduled = cfg.train.schedule != "constant"
         self.model.train()
         losses = []
         dp = None
@@ -353,10 +426,17 @@ class ClientRuntime:
                 extra_loss=extra,
                 fresh_randomness=fresh_randomness,
                 device=self.device,
+                on_step=schedule if scheduled else None,
+                augment=self.augment,
             )
             losses = dp.losses
         else:
-            for _ in range(cfg.train.local_epochs):
+            epochs = cfg.train.local_epochs
+            for e in range(epochs):
+
+                def on_step(i: int, n: int, e: int = e) -> None:
+                    schedule((e + i / n) / epochs)
+
                 losses.append(
                     train_one_epoch(
                         self.forward,
@@ -369,6 +449,9 @@ class ClientRuntime:
                         gen,
                         self.device,
                         extra_loss=extra,
+                        on_step=on_step if scheduled else None,
+                        augment=self.augment,
+                        precision=self.precision,
                     )
                 )
         self.model.eval()
@@ -380,6 +463,7 @@ class ClientRuntime:
             seconds=time.perf_counter() - t0,
             epsilon=None if dp is None else dp.epsilon,
             dp_state=None if dp is None else dp.state,
+            optimizer=export_optimizer(optimizer, named, keep) if keep else None,
         )
 
     # ------------------------------------------------------------------ evaluate
@@ -389,7 +473,9 @@ class ClientRuntime:
 
         out: dict[str, float] = {}
         for split, (inp, y) in self.eval_sets[name].items():
-            prob = predict_proba(self.forward, inp, device=self.device)
+            prob = predict_proba(
+                self.forward, inp, device=self.device, precision=self.precision
+            )
             m = binary_metrics(y.numpy(), prob)
             for k in (*METRIC_NAMES, "n", "n_pos", "n_neg"):
                 out[f"{prefix}{split}_{k}"] = float(m[k])

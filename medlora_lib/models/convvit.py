@@ -614,6 +614,8 @@ class ConvViT(nn.Module):
             c.norm_eps,
         )
         self.apply(init_weights)
+        #: recompute block activations in the backward pass (medlora_lib.recipe)
+        self.grad_checkpointing = False
         # created after init_weights, as in CineMA: PyTorch's default Linear init
         self.pred_head_dict = nn.ModuleDict(
             {v: nn.Linear(c.embed_dim, c.num_classes) for v in (VIEW, "cls")}
@@ -648,8 +650,23 @@ class ConvViT(nn.Module):
         fusion_skip = self.enc_fusion_dict[VIEW].skip_tokens(skips)
         tokens = self.encoder.prepend_cls(tokens)
         for blk in self.encoder.blocks[:start_block]:
-            tokens = blk(tokens)
+            tokens = self._block(blk, tokens)
         return {"tokens": tokens, "fusion_skip": fusion_skip}
+
+    def _block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """One ViT block; with ``grad_checkpointing`` (training, gradients needed) its
+        activations are recomputed in the backward pass instead of stored (the RNG state
+        is restored, so drop-path draws the same mask)."""
+        if (
+            self.grad_checkpointing
+            and self.training
+            and torch.is_grad_enabled()
+            and (x.requires_grad or any(p.requires_grad for p in blk.parameters()))
+        ):
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(blk, x, use_reentrant=False)
+        return blk(x)
 
     def encode_suffix(
         self, state: dict[str, torch.Tensor], start_block: int
@@ -662,7 +679,7 @@ class ConvViT(nn.Module):
         self._check_start(start_block)
         x = state["tokens"]
         for blk in self.encoder.blocks[start_block:]:
-            x = blk(x)
+            x = self._block(blk, x)
         x = self.encoder.norm(x)
         fusion = self.enc_fusion_dict[VIEW]
         fused = fusion.norm(x[:, 1:] + state["fusion_skip"])

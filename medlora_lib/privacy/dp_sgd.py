@@ -303,6 +303,8 @@ def train_dp_sgd(
     extra_loss: Callable[[], torch.Tensor] | None = None,
     fresh_randomness: bool = False,
     device: torch.device | None = None,
+    on_step: Callable[[float], None] | None = None,
+    augment: Callable[[Batch], Batch] | None = None,
 ) -> DPSGDRound:
     """``train.local_epochs`` epochs of DP-SGD on the trainable tensors of ``model``.
 
@@ -318,6 +320,9 @@ def train_dp_sgd(
         extra_loss: FedProx's proximal term; its gradient is added after the DP step.
         fresh_randomness: draw batches and noise from the OS (a deployed site).
         device: where the model is.
+        on_step: called before every step with the fraction of the round done (the
+            learning-rate schedule, ``train.schedule``).
+        augment: transforms every CPU batch (``data.augment``; raw images only).
 
     Returns:
         A :class:`DPSGDRound`: per-epoch losses (weighted mean cross-entropy), ε spent
@@ -367,9 +372,13 @@ def train_dp_sgd(
             # the first LoRA layer's input (frozen activations) needs no gradient:
             # the hook still gets the output gradients, which is all Opacus reads
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            for _ in range(cfg.train.local_epochs):
+            epochs = cfg.train.local_epochs
+            per_epoch = max(len(sampler), 1)
+            for epoch in range(epochs):
                 total, wsum = 0.0, 0.0
-                for idx in sampler:
+                for i, idx in enumerate(sampler):
+                    if on_step is not None:
+                        on_step((epoch + min(i / per_epoch, 1.0)) / epochs)
                     dp_opt.zero_grad(set_to_none=True)
                     if not idx:  # an empty Poisson batch: noise only, still a step
                         for t in params:
@@ -378,7 +387,10 @@ def train_dp_sgd(
                             )
                     else:
                         ix = torch.as_tensor(idx)
-                        batch = {k: v[ix].to(device) for k, v in inputs.items()}
+                        batch = {k: v[ix] for k, v in inputs.items()}
+                        if augment is not None:
+                            batch = augment(batch)
+                        batch = {k: v.to(device) for k, v in batch.items()}
                         y = labels[ix].to(device)
                         per = nn.functional.cross_entropy(
                             forward(batch),
