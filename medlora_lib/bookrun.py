@@ -39,7 +39,10 @@ from medlora_lib.errors import ConfigError
 __all__ = [
     "REPO_ROOT",
     "list_notebooks",
+    "PROFILE_PARAMETERS",
+    "parameter_names",
     "notebook_parameters",
+    "cell_timeout",
     "execute_notebooks",
     "assemble_site",
     "build_site",
@@ -77,16 +80,53 @@ def list_notebooks(root: Path = REPO_ROOT) -> list[Path]:
     return sorted((root / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
 
+#: Notebook parameters that are values of the profile: ``name -> (section, field)``.
+PROFILE_PARAMETERS: dict[str, tuple[str, str]] = {
+    "num_rounds": ("fed", "num_rounds"),
+    "lora_rank": ("adapter", "lora_rank"),
+    "lora_alpha": ("adapter", "lora_alpha"),
+}
+
+
+def parameter_names(notebook: Path) -> list[str]:
+    """The names assigned in ``notebook``'s cell tagged ``parameters``."""
+    import ast
+
+    nb = json.loads(Path(notebook).read_text())
+    for cell in nb["cells"]:
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            tree = ast.parse("".join(cell["source"]))
+            return [
+                t.id
+                for node in tree.body
+                if isinstance(node, ast.Assign)
+                for t in node.targets
+                if isinstance(t, ast.Name)
+            ]
+    return []
+
+
 def notebook_parameters(notebook: Path, profile: str) -> dict[str, Any]:
     """Papermill parameters for ``notebook`` under ``profile``.
 
-    ``cpu`` runs with the defaults stored in the notebook's ``parameters`` cell;
-    ``smoke`` takes ``common`` plus the notebook's own section from
-    ``notebooks/smoke_parameters.yaml``; other profiles only set ``profile``.
+    ``cpu`` runs with the defaults stored in the notebook's ``parameters`` cell (the
+    ``cpu`` profile's values, a test keeps them equal). Any other profile passes
+    ``profile`` and, for every parameter that is a value of the profile
+    (:data:`PROFILE_PARAMETERS`: ``num_rounds``, ``lora_rank``, ``lora_alpha``), the
+    profile's value, so that ``--profile paper`` runs the paper's budget; ``smoke``
+    then adds ``common`` and the notebook's own section of
+    ``notebooks/smoke_parameters.yaml``.
     """
     if profile == "cpu":
         return {}
+    from medlora_lib.config import get_config
+
+    cfg = get_config(profile)
     params: dict[str, Any] = {"profile": profile}
+    for name in parameter_names(notebook):
+        if name in PROFILE_PARAMETERS:
+            section, field = PROFILE_PARAMETERS[name]
+            params[name] = getattr(getattr(cfg, section), field)
     if profile == "smoke":
         spec = yaml.safe_load(SMOKE_PARAMETERS.read_text()) or {}
         params.update(spec.get("common", {}) or {})
@@ -94,19 +134,29 @@ def notebook_parameters(notebook: Path, profile: str) -> dict[str, Any]:
     return params
 
 
+def cell_timeout(profile: str) -> int | None:
+    """Papermill's per-cell time-out: none for ``paper`` (a cell trains for hours on a
+    GPU), an hour otherwise (a hung cell fails the build instead of blocking it)."""
+    return None if profile == "paper" else 3600
+
+
 def execute_notebooks(
     out_dir: Path,
     profile: str = "cpu",
     only: list[str] | None = None,
-    timeout: int = 3600,
+    timeout: int | None | str = "profile",
 ) -> dict[str, float]:
     """Execute each notebook with papermill into ``out_dir/notebooks``.
+
+    ``timeout`` is the per-cell limit in seconds (``"profile"``: :func:`cell_timeout`).
 
     Returns:
         Seconds per notebook (also written to ``out_dir/timings.json``).
     """
     nb_out = out_dir / "notebooks"
     nb_out.mkdir(parents=True, exist_ok=True)
+    if timeout == "profile":
+        timeout = cell_timeout(profile)
     # The kernel inherits this environment: a non-interactive MPLBACKEND (Agg, set for
     # headless tests) would stop plt.show() from embedding figures in the notebooks.
     saved_backend = os.environ.pop("MPLBACKEND", None)
@@ -118,7 +168,11 @@ def execute_notebooks(
 
 
 def _execute(
-    nb_out: Path, out_dir: Path, profile: str, only: list[str] | None, timeout: int
+    nb_out: Path,
+    out_dir: Path,
+    profile: str,
+    only: list[str] | None,
+    timeout: int | None,
 ) -> dict[str, float]:
     import papermill as pm
 

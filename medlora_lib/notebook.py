@@ -92,7 +92,9 @@ def describe_profile(config: Any, **parameters: Any) -> dict:
         "LoRA": f"rank {a.lora_rank}, alpha {a.lora_alpha:g} on {', '.join(a.target_modules)}",
         "budget": f"{cfg.fed.num_rounds} rounds x {cfg.train.local_epochs} local epoch(s)",
         "optimiser": f"lr {cfg.train.lr:g}, batch {cfg.train.batch_size}",
-        "selection": f"validation {cfg.train.selection_metric}",
+        "selection": f"validation {cfg.train.selection_metric}"
+        + (f", early stop after {t.patience}" if (t := cfg.train).patience else ""),
+        "recipe": _recipe(cfg),
         "sites": f"partition by {cfg.fed.partition_by}",
         **{f"param {k}": v for k, v in parameters.items()},
     }
@@ -100,6 +102,21 @@ def describe_profile(config: Any, **parameters: Any) -> dict:
     for k, v in key.items():
         print(f"{k:>{width}}  {v}")
     return key
+
+
+def _recipe(cfg: Any) -> str:
+    """CineMA's fine-tuning recipe as configured (``medlora_lib.recipe``), in one line."""
+    t = cfg.train
+    parts = [
+        "augmentation" if cfg.data.augment else "no augmentation",
+        "warm-up + cosine lr" if t.schedule == "warmup_cosine" else "constant lr",
+        f"layer decay {t.layer_decay:g}" if t.layer_decay != 1 else "no layer decay",
+        f"amp {t.amp}",
+        "grad checkpointing" if t.grad_checkpointing else "no grad checkpointing",
+        f"optimiser state {t.optimizer_state}",
+        "prefix cache" if cfg.uses_prefix_cache else "no prefix cache",
+    ]
+    return ", ".join(parts)
 
 
 def glue(name: str, value: Any, display: bool = True) -> None:

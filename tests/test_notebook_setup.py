@@ -29,3 +29,60 @@ def test_describe_profile_prints_the_config_that_runs(capsys):
     assert key["profile"] == "smoke" and "3 rounds" in key["budget"]
     assert "rank 2" in key["LoRA"] and "param seeds" in out and "[0, 1]" in out
     assert describe_profile("cpu")["profile"] == "cpu"
+
+
+def test_describe_profile_names_the_fine_tuning_recipe():
+    paper = describe_profile("paper")
+    assert (
+        "warm-up + cosine" in paper["recipe"] and "layer decay 0.75" in paper["recipe"]
+    )
+    assert "augmentation" in paper["recipe"] and "no prefix cache" in paper["recipe"]
+    assert "early stop after 5" in paper["selection"]
+    cpu = describe_profile("cpu")
+    assert "constant lr" in cpu["recipe"] and "no augmentation" in cpu["recipe"]
+
+
+def test_the_parameters_cells_hold_the_cpu_profile_and_paper_passes_its_own():
+    from medlora_lib.bookrun import (
+        PROFILE_PARAMETERS,
+        cell_timeout,
+        list_notebooks,
+        notebook_parameters,
+        parameter_names,
+    )
+
+    cpu, paper = get_config("cpu"), get_config("paper")
+    seen = set()
+    for nb in list_notebooks():
+        names = parameter_names(nb)
+        assert "profile" in names, nb.name
+        literal = _parameters_cell_values(nb)
+        assert literal["profile"] == "cpu", nb.name
+        got = notebook_parameters(nb, "paper")
+        assert got["profile"] == "paper"
+        for name, (section, field) in PROFILE_PARAMETERS.items():
+            if name not in names:
+                continue
+            seen.add(name)
+            # the cell's literal is the cpu profile's value ...
+            assert literal[name] == getattr(getattr(cpu, section), field), nb.name
+            # ... and --profile paper passes the paper profile's value
+            assert got[name] == getattr(getattr(paper, section), field), nb.name
+        assert notebook_parameters(nb, "cpu") == {}
+    assert seen == set(PROFILE_PARAMETERS)
+    assert get_config("paper").fed.num_rounds == 30
+    assert cell_timeout("paper") is None and cell_timeout("cpu") == 3600
+
+
+def _parameters_cell_values(nb) -> dict:
+    import ast
+    import json
+
+    for cell in json.loads(nb.read_text())["cells"]:
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            out = {}
+            for node in ast.parse("".join(cell["source"])).body:
+                if isinstance(node, ast.Assign):
+                    out[node.targets[0].id] = ast.literal_eval(node.value)
+            return out
+    raise AssertionError(f"{nb.name} has no parameters cell")

@@ -67,6 +67,17 @@ class RunResult:
     def method(self) -> str:
         return self.config.method
 
+    @property
+    def rounds_run(self) -> int:
+        """The last round trained: ``fed.num_rounds``, or fewer when early stopping
+        (``train.patience``) ended the run."""
+        return int(self.rounds["round"].max()) if len(self.rounds) else 0
+
+    @property
+    def stopped_early(self) -> bool:
+        """Whether early stopping ended the run before ``fed.num_rounds``."""
+        return 0 < self.rounds_run < self.config.fed.num_rounds
+
     def seconds_per_round(self) -> float:
         """Steady-state seconds per round (:func:`steady_seconds_per_round`)."""
         return steady_seconds_per_round(self.rounds)
