@@ -1,95 +1,211 @@
-"""GPU check: one training step of CineMA-base with LoRA on the last two blocks.
+"""What a paper-profile round costs: CineMA-base, 192×192×16, through the library's own path.
 
-bf16 autocast, batch 8, input (2, 192, 192, 16), Med-DualLoRA adapters (rank 8, targets
-q/kv/proj, last two blocks), heads trainable. Prints step time (median of repeats,
-after warm-up), peak GPU memory, and the same with the frozen-prefix cache.
-Random weights are used (the real ones change nothing about time or memory).
+One site's round of the ``paper`` profile as the library runs it
+(:meth:`medlora_lib.fl.task.ClientRuntime.train_round` then ``evaluate_round``): CineMA's
+recipe (augmentation, so no frozen-prefix cache; warm-up + cosine; layer decay 0.75;
+gradient checkpointing; kept optimiser moments; AMP ``auto`` = bf16 autocast on a GPU
+with bf16, fp16 + GradScaler otherwise, fp32 on a CPU), Med-DualLoRA on the last two
+blocks. Random weights (``model.pretrained=none``): time and memory do not depend on
+them. In-memory random subjects stand in for a prepared site.
 
-    python benchmarks/bench_gpu_base.py            # needs a CUDA device
+Printed side by side, each the median of ``--repeats`` rounds after one warm-up round:
 
-Without a GPU it says so and exits 0 (nothing to measure). Recorded in the book:
-notebooks/00_foundation_model_and_lora (section 6).
+* ``paper``: the profile as it is;
+* ``no-ckpt``: the same without gradient checkpointing (what checkpointing buys / costs);
+* ``cached``: without augmentation, so the frozen prefix is cached (the floor of a
+  round: only the two adapted blocks and the heads run);
+
+with seconds per optimiser step, per round, per training subject, peak memory (GPU:
+``torch.cuda.max_memory_allocated``; CPU: the peak RSS of the variant's own process,
+next to its RSS right after building the site's runtime), and the
+extrapolation to one round of the paper protocol's largest site and to the whole
+federation (``--paper-subjects`` training subjects over 4 sites, ``fed.num_rounds``).
+
+    python benchmarks/bench_gpu_base.py                  # CUDA if present, else CPU
+    python benchmarks/bench_gpu_base.py --device cpu --subjects 8 --repeats 1
+
+Recorded in ``book/gpu_colab.md`` (§ "What a round costs"); GPU figures only once
+measured on a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
 
-from medlora_lib.adapters import AdapterConfig, apply_adapters, first_adapted_block
-from medlora_lib.models import build_convvit
+
+def _peak_rss_mib() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 1024 if sys.platform != "darwin" else r / 2**20
+
+
+def _site(n: int, size: tuple[int, int, int], seed: int = 0):
+    from medlora_lib.pipeline import ClientData
+
+    g = torch.Generator().manual_seed(seed)
+
+    def split(k: int, tag: str):
+        x = torch.rand(k, 2, *size, generator=g)
+        y = torch.arange(k) % 2
+        return (x, y), [f"{tag}{i:03d}" for i in range(k)]
+
+    (tr, s_tr), (va, s_va) = split(n, "tr"), split(max(2, n // 4), "va")
+    return ClientData("Siemens", {"train": tr, "val": va}, {"train": s_tr, "val": s_va})
+
+
+def _variant(cfg, name: str):
+    if name == "no-ckpt":
+        return dataclasses.replace(
+            cfg, train=dataclasses.replace(cfg.train, grad_checkpointing=False)
+        )
+    if name == "cached":
+        return dataclasses.replace(
+            cfg, data=dataclasses.replace(cfg.data, augment=False)
+        )
+    return cfg
+
+
+def measure(cfg, site, repeats: int) -> dict:
+    """Median round of ``cfg`` on ``site`` (train + evaluate), its memory and steps."""
+    from medlora_lib.adapters import get_shared_state
+    from medlora_lib.fl.task import ClientRuntime, clear_runtime_cache
+
+    clear_runtime_cache()
+    cuda = torch.device(cfg.train.device).type == "cuda"
+    rt = ClientRuntime.build(cfg, {"Siemens": site}, "Siemens", data_key="bench")
+    built_mib = _peak_rss_mib()
+    shared = get_shared_state(rt.model)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times, evals, private, opt = [], [], None, None
+    for rnd in range(1, repeats + 2):  # round 1 warms up
+        t0 = time.perf_counter()
+        out = rt.train_round(shared, private, rnd, optimizer_state=opt)
+        if cuda:
+            torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        rt.evaluate_round(out.shared, out.private)
+        if cuda:
+            torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        shared, private, opt = out.shared, out.private, out.optimizer
+        if rnd > 1:
+            times.append(t1 - t0)
+            evals.append(t2 - t1)
+    n = site.num_examples()
+    steps = (n + cfg.train.batch_size - 1) // cfg.train.batch_size
+    train_s = statistics.median(times)
+    return {
+        "precision": rt.precision.describe(),
+        "prefix_cache": rt.start_block is not None,
+        "grad_checkpointing": cfg.train.grad_checkpointing,
+        "train_s_per_round": round(train_s, 3),
+        "eval_s_per_round": round(statistics.median(evals), 3),
+        "s_per_step": round(train_s / steps, 4),
+        "s_per_train_subject": round(train_s / n, 4),
+        "peak_mib": round(
+            torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_rss_mib()
+        ),
+        "peak_kind": "GPU allocated" if cuda else "host peak RSS",
+        "host_peak_rss_mib": round(_peak_rss_mib()),
+        "host_rss_after_build_mib": round(built_mib),
+    }
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--subjects", type=int, default=None, help="training subjects")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--variants", nargs="*", default=["paper", "no-ckpt", "cached"])
+    ap.add_argument(
+        "--paper-subjects",
+        type=int,
+        default=0,
+        help="training subjects of the paper protocol's federation, for the "
+        "extrapolation (0: print none)",
+    )
     ap.add_argument("--json", default=None, help="also write the figures here")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child process
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("no CUDA device: nothing to measure (run this on a GPU machine)")
+    from medlora_lib.config import get_config
+
+    cuda = args.device == "cuda" or (
+        args.device == "auto" and torch.cuda.is_available()
+    )
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: run with --device cpu, or on a GPU machine")
+        return 1
+    device = "cuda" if cuda else "cpu"
+    subjects = args.subjects or (32 if cuda else 8)
+    repeats = args.repeats or (3 if cuda else 1)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    cfg = get_config(
+        "paper",
+        method="med_dual_lora",
+        overrides={"model.pretrained": "none", "train.device": device},
+    )
+    if args.one:  # one variant in a fresh process: its own peak memory
+        site = _site(subjects, tuple(cfg.data.image_size))
+        print("RESULT " + json.dumps(measure(_variant(cfg, args.one), site, repeats)))
         return 0
-    dev = torch.device("cuda")
-    torch.backends.cuda.matmul.allow_tf32 = True
-    model = build_convvit("base", image_size=(192, 192, 16))
-    acfg = AdapterConfig(method="med_dual_lora", lora_rank=8, adapted_blocks="last2")
-    model = apply_adapters(model, acfg, seed=0).to(dev)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3)
-    x = torch.rand(args.batch_size, 2, 192, 192, 16, device=dev)
-    y = torch.randint(0, 2, (args.batch_size,), device=dev)
-    start = first_adapted_block(acfg, model)
-
-    def timed(step) -> tuple[float, float]:
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            step()
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times), torch.cuda.max_memory_allocated() / 2**20
-
-    def full_step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    model.eval()
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        state = model.forward_prefix(x, start)
-
-    def cached_step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = torch.nn.functional.cross_entropy(
-                model.forward_suffix(state, start), y
-            )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    model.train()
-    t_full, m_full = timed(full_step)
-    t_cached, m_cached = timed(cached_step)
+    rows = {}
+    for name in args.variants:
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            name,
+            "--device",
+            device,
+            "--subjects",
+            str(subjects),
+            "--repeats",
+            str(repeats),
+        ]
+        run = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        lines = [x for x in run.stdout.splitlines() if x.startswith("RESULT ")]
+        if run.returncode or not lines:
+            print(run.stdout[-2000:], run.stderr[-4000:], file=sys.stderr)
+            return 1
+        rows[name] = json.loads(lines[-1][len("RESULT ") :])
+        print(f"{name:>8s}: {json.dumps(rows[name])}", flush=True)
     out = {
-        "device": torch.cuda.get_device_name(0),
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "torch": torch.__version__,
-        "batch_size": args.batch_size,
-        "full_step_s": round(t_full, 4),
-        "full_peak_mib": round(m_full),
-        "cached_step_s": round(t_cached, 4),
-        "cached_peak_mib": round(m_cached),
-        "trainable_params": sum(p.numel() for p in params),
+        "threads": torch.get_num_threads(),
+        "batch_size": cfg.train.batch_size,
+        "train_subjects": subjects,
+        "variants": rows,
     }
+    if "paper" in rows and "no-ckpt" in rows:
+        a, b = rows["paper"], rows["no-ckpt"]
+        out["ckpt_time_ratio"] = round(a["s_per_step"] / b["s_per_step"], 3)
+        out["ckpt_memory_ratio"] = round(a["peak_mib"] / max(b["peak_mib"], 1), 3)
+    if "paper" in rows and "cached" in rows:
+        out["paper_over_cached"] = round(
+            rows["paper"]["s_per_step"] / rows["cached"]["s_per_step"], 2
+        )
+    if args.paper_subjects and "paper" in rows:
+        per = rows["paper"]["s_per_train_subject"]
+        out["paper_protocol"] = {
+            "train_subjects": args.paper_subjects,
+            "rounds": cfg.fed.num_rounds,
+            "train_hours": round(
+                per * args.paper_subjects * cfg.fed.num_rounds / 3600, 2
+            ),
+            "note": "sites train one after another on one device; evaluation extra",
+        }
     print(json.dumps(out, indent=2))
     if args.json:
         with open(args.json, "w") as f:
