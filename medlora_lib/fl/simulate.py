@@ -86,6 +86,10 @@ def plan(
                 f"{type(cfg).__name__}"
             )
         validate_config(cfg)
+        if cfg.model.pretrained != "none":  # missing weights: in seconds, not in Flower
+            from medlora_lib.models.checkpoint import resolve_weights
+
+            resolve_weights(cfg.model.pretrained)
         data_dir = resolve_data_dir(cfg, verbose=False)
         from medlora_lib.data.manifest import read_manifest
 
