@@ -55,9 +55,9 @@ def _serve(cfg, data_dir, site, experiment="e1"):
 
 def test_site_cache_budget_comes_from_the_environment(monkeypatch):
     monkeypatch.delenv("MEDLORA_SITE_CACHE_GB", raising=False)
-    assert task.site_cache_bytes() == 2 * 1024**3
-    monkeypatch.setenv("MEDLORA_SITE_CACHE_GB", "0.5")
-    assert task.site_cache_bytes() == 512 * 1024**2
+    assert task.site_cache_bytes() == 500_000_000
+    monkeypatch.setenv("MEDLORA_SITE_CACHE_GB", "2")
+    assert task.site_cache_bytes() == 2_000_000_000
     for bad in ("lots", "-1", "nan"):
         monkeypatch.setenv("MEDLORA_SITE_CACHE_GB", bad)
         with pytest.raises(ConfigError, match=r"MEDLORA_SITE_CACHE_GB=.*number of GB"):
@@ -105,7 +105,7 @@ def test_a_process_keeps_other_sites_only_within_the_budget(data_dir, monkeypatc
 
     # a budget that fits one other site: the least recently served one goes first
     one = max(task.held_bytes(a), task.held_bytes(b))  # the larger of two sites
-    monkeypatch.setenv("MEDLORA_SITE_CACHE_GB", str(one / 1024**3))
+    monkeypatch.setenv("MEDLORA_SITE_CACHE_GB", str((one + 1000) / 1e9))
     _serve(cfg, data_dir, siemens)
     assert [k[1] for k in task._RUNTIMES] == [philips, siemens]
     _serve(cfg, data_dir, ge)

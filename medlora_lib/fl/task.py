@@ -13,7 +13,7 @@ rounds, and a fresh process (Deployment Runtime) simply rebuilds it.
 Memory (``book/gpu_colab.md``, "Memory"): a simulation process serves whichever site a
 message names, so what it keeps of the *other* sites (their models, arrays and
 prefix-cache entries) is bounded by :func:`site_cache_bytes` (``MEDLORA_SITE_CACHE_GB``,
-default 2 GB): least recently served first, they are dropped and rebuilt when needed
+default 0.5 GB): least recently served first, they are dropped and rebuilt when needed
 (same seeds, same numbers). A new experiment drops the previous one's runtimes.
 """
 
@@ -119,7 +119,10 @@ _RUNTIMES: dict[tuple[str, str], ClientRuntime] = {}
 #: prefix-cache key -> cached inputs, least recently used first.
 _PREFIX_CACHE: dict[str, Any] = {}
 SITE_CACHE_ENV = "MEDLORA_SITE_CACHE_GB"
-_DEFAULT_SITE_CACHE_GB = 2.0
+#: keeps a whole cpu-profile federation (at most ~50 MB a site: small FM, 48x48x8 arrays
+#: and their prefix cache) and lets the paper protocol
+#: fit 12 GB of host RAM on one GPU (benchmarks/bench_memory.py)
+_DEFAULT_SITE_CACHE_GB = 0.5
 
 
 def clear_runtime_cache() -> None:
@@ -132,10 +135,11 @@ def clear_runtime_cache() -> None:
 def site_cache_bytes() -> int:
     """How many bytes a process may keep of sites it is not serving right now.
 
-    ``MEDLORA_SITE_CACHE_GB`` (default 2): models, arrays and prefix-cache entries of
-    the other sites of the experiment (and prefix-cache entries of earlier experiments
-    that a later one may reuse). ``0`` keeps only the site being served. The cpu-profile
-    federations fit whole; a CineMA-base site does not.
+    ``MEDLORA_SITE_CACHE_GB`` (decimal GB, default 0.5): models, arrays and
+    prefix-cache entries of the other sites of the experiment (and prefix-cache entries
+    of earlier experiments that a later one may reuse). ``0`` keeps only the site being
+    served. A cpu-profile federation fits whole; a CineMA-base site does not (4.7 MB of
+    arrays per subject, 14 MB as prefix cache).
 
     Raises:
         ConfigError: the variable is not a number >= 0.
@@ -148,9 +152,9 @@ def site_cache_bytes() -> int:
     if not gb >= 0:
         raise ConfigError(
             f"environment variable {SITE_CACHE_ENV}={text!r}: expected a number of GB "
-            f">= 0 (e.g. {SITE_CACHE_ENV}=2; 0 keeps only the site being served)"
+            f">= 0 (e.g. {SITE_CACHE_ENV}=0.5; 0 keeps only the site being served)"
         )
-    return int(gb * 1024**3)
+    return int(gb * 1e9)
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
