@@ -4,8 +4,22 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def cinema_hf_home(tmp_path_factory):
+    """An ``HF_HOME`` whose hub cache holds ``mathpluscode/CineMA``'s
+    ``pretrained/cinema.safetensors`` as a formula checkpoint with CineMA's real keys
+    and shapes (``tests/cinema_hub.py``; ~503 MB, written once per session)."""
+    from tests.cinema_hub import formula_mae_state, write_hf_cache
+
+    home = tmp_path_factory.mktemp("hf_home")
+    write_hf_cache(home / "hub", formula_mae_state())
+    return home
 
 
 def pytest_sessionfinish(session, exitstatus):  # noqa: D103

@@ -27,19 +27,31 @@ def train_message(shared, rnd: int = 1, node: int = 1, **extra):
     )
 
 
-def failing_app(tmp: Path) -> Path:
-    """The project's app with ``components.clientapp`` = the failing test ClientApp."""
-    app = tmp / "failing_app"
+def _app_with_client(tmp: Path, folder: str, module: str) -> Path:
+    """The project's app with ``components.clientapp`` = ``tests/fixtures/<folder>/
+    <module>.py:app``."""
+    app = tmp / folder
     app.mkdir(parents=True, exist_ok=True)
     text = (ROOT / "pyproject.toml").read_text()
     text = text.replace(
         'clientapp = "medlora_lib.fl.client_app:app"',
-        'clientapp = "failing_client:app"',
+        f'clientapp = "{module}:app"',
     )
-    text = re.sub(r"fab-include = \[.*\]", 'fab-include = ["failing_client.py"]', text)
+    text = re.sub(r"fab-include = \[.*\]", f'fab-include = ["{module}.py"]', text)
     (app / "pyproject.toml").write_text(text)
-    shutil.copy(ROOT / "tests" / "fixtures" / "failing_app" / "failing_client.py", app)
+    shutil.copy(ROOT / "tests" / "fixtures" / folder / f"{module}.py", app)
     return app
+
+
+def failing_app(tmp: Path) -> Path:
+    """The project's app with ``components.clientapp`` = the failing test ClientApp."""
+    return _app_with_client(tmp, "failing_app", "failing_client")
+
+
+def probe_app(tmp: Path) -> Path:
+    """The project's app with a ClientApp that logs, after every message, what its
+    process holds (``tests/fixtures/probe_app``; log file: ``MEDLORA_PROBE_LOG``)."""
+    return _app_with_client(tmp, "probe_app", "probe_client")
 
 
 def check_message_keys(result) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -74,21 +73,13 @@ def test_pos_embed_fingerprint() -> None:
 # --- golden forward (section 9 of the reference) ----------------------------------
 def golden_fill(model: torch.nn.Module) -> None:
     """Deterministic closed-form weights of the reference recipe."""
-    sd = model.state_dict()
-    new = {}
-    for key, t in sd.items():
-        if key.endswith("pos_embed"):
-            continue
-        n = t.numel()
-        phase = (zlib.crc32(key.encode("utf-8")) % 10007) / 10007 * 2 * np.pi
-        base = np.sin(0.618034 * np.arange(n, dtype=np.float64) + phase)
-        if t.ndim == 1 and key.endswith(".weight"):
-            val = 1 + 0.1 * base
-        elif key.endswith(".bias") or key == "encoder.cls_token":
-            val = 0.02 * base
-        else:
-            val = base * np.sqrt(2.0 / (n / t.shape[0]))
-        new[key] = torch.from_numpy(val.astype(np.float32).reshape(t.shape))
+    from tests.cinema_hub import formula_tensor
+
+    new = {
+        key: formula_tensor(key, tuple(t.shape))
+        for key, t in model.state_dict().items()
+        if not key.endswith("pos_embed")
+    }
     missing, unexpected = model.load_state_dict(new, strict=False)
     assert [k for k in missing if not k.endswith("pos_embed")] == [] and not unexpected
 

@@ -86,6 +86,10 @@ def plan(
                 f"{type(cfg).__name__}"
             )
         validate_config(cfg)
+        if cfg.model.pretrained != "none":  # missing weights: in seconds, not in Flower
+            from medlora_lib.models.checkpoint import resolve_weights
+
+            resolve_weights(cfg.model.pretrained)
         data_dir = resolve_data_dir(cfg, verbose=False)
         from medlora_lib.data.manifest import read_manifest
 
@@ -141,6 +145,7 @@ def run_inprocess(p: Planned, verbose: bool = False) -> RunResult:
     from medlora_lib.adapters import METHODS, get_shared_state
     from medlora_lib.fl.federation import run_in_process
     from medlora_lib.fl.sites import load_options, load_sites
+    from medlora_lib.fl.task import trim_caches
 
     cfg = p.cfg
     data = load_sites(p.data_dir, p.sites, **load_options(cfg))
@@ -149,8 +154,15 @@ def run_inprocess(p: Planned, verbose: bool = False) -> RunResult:
         runtimes = {"pooled": ClientRuntime.build(cfg, data, None, data_key=key)}
     else:
         runtimes = {s: ClientRuntime.build(cfg, data, s, data_key=key) for s in p.sites}
+    # the runtimes hold what they use; the rest of the loaded arrays (the pooled
+    # copies' originals, or arrays replaced by the prefix cache) can go
+    del data
     initial = get_shared_state(build_adapted_model(cfg))
     out = run_in_process(cfg, runtimes, initial, verbose=verbose, label=p.label)
+    # this experiment's models and arrays go with it; its prefix-cache entries stay
+    # within MEDLORA_SITE_CACHE_GB for a later experiment with the same prefix
+    del runtimes
+    trim_caches()
     return build_result(
         cfg,
         out["rows"],

@@ -9,11 +9,18 @@ there is no augmentation). It is built once per process and experiment (:func:`g
 memory; the trainable tensors are overwritten from the message (shared) and from the
 site's private state at the start of every call, so reusing it never leaks state between
 rounds, and a fresh process (Deployment Runtime) simply rebuilds it.
+
+Memory (``book/gpu_colab.md``, "Memory"): a simulation process serves whichever site a
+message names, so what it keeps of the *other* sites (their models, arrays and
+prefix-cache entries) is bounded by :func:`site_cache_bytes` (``MEDLORA_SITE_CACHE_GB``,
+default 0.5 GB): least recently served first, they are dropped and rebuilt when needed
+(same seeds, same numbers). A new experiment drops the previous one's runtimes.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +42,9 @@ __all__ = [
     "round_seed",
     "validate_config",
     "clear_runtime_cache",
+    "site_cache_bytes",
+    "held_bytes",
+    "trim_caches",
 ]
 
 
@@ -113,14 +123,112 @@ def _say_once(text: str) -> None:
         print(text, flush=True)
 
 
+#: (experiment, site) -> runtime, least recently served first.
 _RUNTIMES: dict[tuple[str, str], ClientRuntime] = {}
+#: prefix-cache key -> cached inputs, least recently used first.
 _PREFIX_CACHE: dict[str, Any] = {}
+SITE_CACHE_ENV = "MEDLORA_SITE_CACHE_GB"
+#: keeps a whole cpu-profile federation (at most ~50 MB a site: small FM, 48x48x8 arrays
+#: and their prefix cache) and lets the paper protocol
+#: fit 12 GB of host RAM on one GPU (benchmarks/bench_memory.py)
+_DEFAULT_SITE_CACHE_GB = 0.5
 
 
 def clear_runtime_cache() -> None:
     """Forget every runtime and prefix cache held by this process."""
     _RUNTIMES.clear()
     _PREFIX_CACHE.clear()
+    _release_memory()
+
+
+def site_cache_bytes() -> int:
+    """How many bytes a process may keep of sites it is not serving right now.
+
+    ``MEDLORA_SITE_CACHE_GB`` (decimal GB, default 0.5): models, arrays and
+    prefix-cache entries of the other sites of the experiment (and prefix-cache entries
+    of earlier experiments that a later one may reuse). ``0`` keeps only the site being
+    served. A cpu-profile federation fits whole; a CineMA-base site does not (4.7 MB of
+    arrays per subject, 14 MB as prefix cache).
+
+    Raises:
+        ConfigError: the variable is not a number >= 0.
+    """
+    text = os.environ.get(SITE_CACHE_ENV, "")
+    try:
+        gb = float(text) if text.strip() else _DEFAULT_SITE_CACHE_GB
+    except ValueError:
+        gb = -1.0
+    if not gb >= 0:
+        raise ConfigError(
+            f"environment variable {SITE_CACHE_ENV}={text!r}: expected a number of GB "
+            f">= 0 (e.g. {SITE_CACHE_ENV}=0.5; 0 keeps only the site being served)"
+        )
+    return int(gb * 1e9)
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, nn.Module):
+        return [*obj.parameters(), *obj.buffers()]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, list | tuple):
+        return [t for v in obj for t in _tensors(v)]
+    if isinstance(obj, ClientRuntime):
+        return _tensors([obj.model, obj.train_inputs, obj.train_labels, obj.eval_sets])
+    return []
+
+
+def held_bytes(*objs: Any) -> int:
+    """Bytes of the distinct tensor storages reachable from ``objs`` (runtimes, prefix
+    cache entries, dicts of tensors): a storage shared by several counts once."""
+    seen: dict[tuple[str, int], int] = {}
+    for t in _tensors(list(objs)):
+        st = t.untyped_storage()
+        seen[(str(t.device), st.data_ptr())] = st.nbytes()
+    return sum(seen.values())
+
+
+def _release_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def trim_caches(serving: tuple[str, str] | None = None) -> None:
+    """Drop what this process keeps beyond :func:`site_cache_bytes`.
+
+    The runtime ``serving`` (and the prefix-cache entries it uses) always stays. Of the
+    rest, prefix-cache entries no runtime uses go first (oldest first), then the least
+    recently served runtimes with the entries only they use.
+    """
+    budget = site_cache_bytes()
+    keep = _RUNTIMES.get(serving) if serving is not None else None
+    protected = set(keep.prefix_keys) if keep is not None else set()
+
+    def others() -> list[Any]:
+        held = [rt for k, rt in _RUNTIMES.items() if k != serving]
+        return held + [v for k, v in _PREFIX_CACHE.items() if k not in protected]
+
+    dropped = False
+    while held_bytes(*others()) > budget:
+        used = {k for rt in _RUNTIMES.values() for k in rt.prefix_keys}
+        loose = [k for k in _PREFIX_CACHE if k not in used]
+        if loose:
+            del _PREFIX_CACHE[loose[0]]
+        else:
+            victims = [k for k in _RUNTIMES if k != serving]
+            if not victims:
+                break
+            rt = _RUNTIMES.pop(victims[0])
+            still = {k for r in _RUNTIMES.values() for k in r.prefix_keys}
+            for k in rt.prefix_keys:
+                if k not in still:
+                    _PREFIX_CACHE.pop(k, None)
+            del rt
+        dropped = True
+    if dropped:
+        _release_memory()
 
 
 @dataclass
@@ -178,6 +286,8 @@ class ClientRuntime:
     #: the precision of every step (train.amp)
     augment: Any = None
     precision: Any = None
+    #: the ``_PREFIX_CACHE`` entries this runtime's inputs are (freed with it)
+    prefix_keys: list[str] = field(default_factory=list)
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -229,6 +339,7 @@ class ClientRuntime:
                 "whole model"
             )
         model.eval()
+        used: list[str] = []
 
         def inputs(name: str, split: str) -> dict[str, torch.Tensor]:
             x = sites[name].splits[split][0]
@@ -256,10 +367,17 @@ class ClientRuntime:
                 _PREFIX_CACHE[key] = build_prefix_cache(
                     model, x, start, batch_size=max(cfg.train.batch_size, 32)
                 ).as_inputs()
+            _PREFIX_CACHE[key] = _PREFIX_CACHE.pop(key)  # most recently used last
+            used.append(key)
             return _PREFIX_CACHE[key]
 
         tr = [inputs(n, "train") for n in names]
-        train_inputs = {k: torch.cat([t[k] for t in tr]) for k in tr[0]}
+        # one site: its arrays (or cache entry) as they are, not a concatenated copy
+        train_inputs = (
+            dict(tr[0])
+            if len(tr) == 1
+            else {k: torch.cat([t[k] for t in tr]) for k in tr[0]}
+        )
         train_labels = torch.cat([sites[n].splits["train"][1] for n in names])
         eval_sets = {
             n: {
@@ -284,6 +402,7 @@ class ClientRuntime:
             private_keys=list(get_private_state(model)),
             augment=BatchAugmenter(cfg.data.spacing) if cfg.data.augment else None,
             precision=resolve_precision(cfg.train.amp, device),
+            prefix_keys=used,
         )
 
     # ------------------------------------------------------------------ helpers
@@ -535,15 +654,23 @@ class _local_adapter_off:
 
 
 def get_runtime(experiment: str, site: str, build: Any) -> ClientRuntime:
-    """The runtime of ``site`` in ``experiment``, built by ``build()`` once per process.
+    """The runtime of ``site`` in ``experiment``, built by ``build()`` when this process
+    does not hold it.
 
-    A simulation process serves several sites in turn, so every site of the current
-    experiment is kept; experiments run one after the other, so starting a new one
-    drops the others' models.
+    A simulation process serves several sites in turn: the sites of the current
+    experiment it served before are kept within :func:`site_cache_bytes` (least recently
+    served dropped first, before the new one is built, so the peak is the budget plus
+    one site). Experiments run one after the other, so starting a new one drops the
+    previous one's runtimes (its prefix-cache entries stay within the budget, for a
+    later experiment with the same frozen prefix).
     """
     key = (experiment, site)
-    if key not in _RUNTIMES:
+    if key in _RUNTIMES:
+        _RUNTIMES[key] = _RUNTIMES.pop(key)  # most recently served last
+    else:
         for old in [k for k in _RUNTIMES if k[0] != experiment]:
             del _RUNTIMES[old]
+        trim_caches()
         _RUNTIMES[key] = build()
+    trim_caches(serving=key)
     return _RUNTIMES[key]

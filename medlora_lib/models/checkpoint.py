@@ -46,6 +46,7 @@ __all__ = [
     "DROP_SUBSTRINGS",
     "LoadReport",
     "load_pretrained",
+    "resolve_weights",
     "drop_reason",
     "read_state_dict",
     "save_convvit",
@@ -137,7 +138,9 @@ def _hub_error(why: str, err: BaseException | None = None) -> CheckpointError:
         f"{HUB_REPO_ID} {HUB_FILENAME} --local-dir cinema_weights` (or download it from "
         f"https://huggingface.co/{HUB_REPO_ID}/tree/main/pretrained), copy the file here "
         "and pass its path: load_pretrained(model, "
-        "'cinema_weights/pretrained/cinema.safetensors')."
+        "'cinema_weights/pretrained/cinema.safetensors'), or in a run config "
+        "model.pretrained='cinema_weights/pretrained/cinema.safetensors' (`medlora run "
+        "... --set model.pretrained=cinema_weights/pretrained/cinema.safetensors`)."
     )
 
 
@@ -186,6 +189,17 @@ def _resolve(source: str | os.PathLike[str]) -> Path:
             "'hub' for CineMA's public weights or 'small' for the embedded model"
         )
     return path
+
+
+def resolve_weights(source: str | os.PathLike[str]) -> Path:
+    """The file ``source`` names (``"hub"``: the HF cache, then a fast-failing
+    download), without reading it: lets a run refuse missing weights before it starts.
+
+    Raises:
+        CheckpointError: the file does not exist, or the hub file is not cached and
+            cannot be fetched (the message says how to get it).
+    """
+    return _resolve(source)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
