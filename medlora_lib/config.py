@@ -88,8 +88,22 @@ class DataConfig:
         "Synthetic data: minimum subjects per vendor.", default=12
     )
     heterogeneity: float = _help(
-        "Synthetic data: 0 = vendors look alike, 1 = realistic vendor shift.",
+        "Synthetic data: 0 = vendors look alike, 1 = realistic vendor shift (both the "
+        "appearance and the label shift below, unless they are set).",
         default=1.0,
+    )
+    appearance_shift: float | None = _help(
+        "Synthetic data: the feature shift alone (contrast, noise, bias field, blur, "
+        "intensity scale, acquisition grid): 0 = every vendor has the across-vendor "
+        "mean appearance, 1 = its own. None = data.heterogeneity.",
+        default=None,
+    )
+    label_shift: float | None = _help(
+        "Synthetic data: the label shift alone (share of healthy subjects and disease "
+        "mix of each client): 0 = the pooled prevalence and mix everywhere, 1 = each "
+        "vendor's own. Client sizes stay those of the real data. None = "
+        "data.heterogeneity.",
+        default=None,
     )
     synth_seed: int = _help("Seed of the synthetic data set.", default=0)
     val_fraction: float = _help("Validation share of each client.", default=0.15)
@@ -139,6 +153,13 @@ class DataConfig:
             "data.heterogeneity",
             f"must lie in [0, 1], got {self.heterogeneity}",
         )
+        for name in ("appearance_shift", "label_shift"):
+            value = getattr(self, name)
+            _check(
+                value is None or 0.0 <= value <= 1.0,
+                f"data.{name}",
+                f"must be empty (= data.heterogeneity) or lie in [0, 1], got {value}",
+            )
         _check(
             0 < self.val_fraction < 1 and 0 < self.test_fraction < 1,
             "data.val_fraction/test_fraction",

@@ -49,6 +49,8 @@ def synthetic_config(cfg: ExperimentConfig):
         scale=cfg.data.scale,
         min_per_vendor=cfg.data.min_per_vendor,
         heterogeneity=cfg.data.heterogeneity,
+        appearance_shift=cfg.data.appearance_shift,
+        label_shift=cfg.data.label_shift,
         seed=cfg.data.synth_seed,
         image_size=tuple(cfg.data.image_size),
         spacing=tuple(cfg.data.spacing),

@@ -37,6 +37,8 @@ def test_overrides_and_roundtrip():
     ("kwargs", "field"),
     [
         ({"overrides": ["data.heterogeneity=1.5"]}, "data.heterogeneity"),
+        ({"overrides": ["data.label_shift=2"]}, "data.label_shift"),
+        ({"overrides": ["data.appearance_shift=-1"]}, "data.appearance_shift"),
         ({"overrides": ["train.lr=0"]}, "train.lr"),
         ({"overrides": ["fed.num_rounds=0"]}, "fed.num_rounds"),
         ({"overrides": ["train.nope=1"]}, "train.nope"),
@@ -116,6 +118,7 @@ def test_run_config_round_trips_every_profile_and_override():
         get_config(
             "cpu", overrides=["adapter.adapted_blocks=[-2,-1]", "fed.exclude=GE"]
         ),
+        get_config("cpu", overrides=["data.label_shift=0", "data.appearance_shift=1"]),
     ):
         again, _ = from_run_config(to_run_config(cfg))
         assert again == cfg

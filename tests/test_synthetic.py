@@ -102,6 +102,45 @@ def test_heterogeneity_zero_equalises_appearance_and_prevalence():
     assert half.snr == pytest.approx((ref.snr + VENDOR_APPEARANCE["Canon"].snr) / 2)
 
 
+def test_the_two_shifts_move_apart():
+    """label_shift moves only prevalence / mix, appearance_shift only the look."""
+    default = syn.cohort_plan(syn.SynthConfig())
+    pooled = syn.cohort_plan(syn.SynthConfig(label_shift=0))
+    looks_alike = syn.cohort_plan(syn.SynthConfig(appearance_shift=0))
+    # the appearance knob does not touch who is ill ...
+    assert [s.pathology for s in looks_alike] == [s.pathology for s in default]
+    # ... the label knob gives the pooled prevalence, with the real client sizes
+    plan = pd.DataFrame([s.__dict__ for s in pooled])
+    base = pd.DataFrame([s.__dict__ for s in default])
+    assert plan.groupby("vendor").size().equals(base.groupby("vendor").size())
+    prev = plan.assign(h=plan.pathology == "NOR").groupby("vendor").h.mean()
+    prev1 = base.assign(h=base.pathology == "NOR").groupby("vendor").h.mean()
+    assert prev.max() - prev.min() < 0.02 < prev1.max() - prev1.min()
+    # appearance: vendors still differ under label_shift=0, not under appearance_shift=0
+    lab0 = _raw_stats(1.0, label_shift=0.0)
+    app0 = _raw_stats(1.0, appearance_shift=0.0)
+    assert max(lab0.values()) / min(lab0.values()) > 4
+    assert max(app0.values()) / min(app0.values()) < 2
+    assert lab0 == _raw_stats(1.0)  # same subjects' look as the default
+
+
+def test_unset_shifts_are_the_old_knob_bit_for_bit():
+    old = _cfg(heterogeneity=0.5)
+    both = _cfg(heterogeneity=0.5, appearance_shift=0.5, label_shift=0.5)
+    assert old.to_dict().keys() == _cfg().to_dict().keys()
+    assert "label_shift" not in old.to_dict() and both.to_dict()["label_shift"] == 0.5
+    assert [s.__dict__ for s in syn.cohort_plan(old)] == [
+        s.__dict__ for s in syn.cohort_plan(both)
+    ]
+    a = syn.generate_case(old, "GE", 0, "NOR")
+    b = syn.generate_case(both, "GE", 0, "NOR")
+    assert a.cine.tobytes() == b.cine.tobytes()
+    with pytest.raises(ConfigError, match="label_shift"):
+        syn.SynthConfig(label_shift=1.2)
+    with pytest.raises(ConfigError, match="appearance_shift"):
+        syn.SynthConfig(appearance_shift=-0.1)
+
+
 # ----------------------------------------------------------------------------- cases
 
 
@@ -137,8 +176,8 @@ def test_subjects_do_not_depend_on_other_vendors():
     assert all(np.array_equal(x.cine, y.cine) for x, y in zip(s1, s2, strict=True))
 
 
-def _raw_stats(heterogeneity: float) -> dict[str, float]:
-    cfg = _cfg(heterogeneity=heterogeneity)
+def _raw_stats(heterogeneity: float, **shifts) -> dict[str, float]:
+    cfg = _cfg(heterogeneity=heterogeneity, **shifts)
     out = {}
     for vendor in VENDORS:
         case = syn.generate_case(cfg, vendor, 0, "NOR")

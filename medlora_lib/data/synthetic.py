@@ -97,7 +97,17 @@ class SynthConfig:
             Canon 50).
         min_per_vendor: minimum subjects per vendor after scaling.
         heterogeneity: 0 = all vendors look alike and share the overall prevalence,
-            1 = realistic vendor shift; linear in between.
+            1 = realistic vendor shift; linear in between. It sets both shifts below
+            unless they are given.
+        appearance_shift: the *feature shift* alone (contrast, noise, bias field,
+            blur, intensity scale, acquisition grid and frame count;
+            :func:`~medlora_lib.data.vendors.appearance_for`): 0 = every vendor has
+            the across-vendor mean appearance, 1 = its own. None = ``heterogeneity``.
+        label_shift: the *label shift* alone (share of healthy subjects and disease
+            mix per client part; :func:`~medlora_lib.data.vendors.healthy_fraction`,
+            :func:`~medlora_lib.data.vendors.disease_mix`): 0 = the pooled prevalence
+            and mix for every vendor, 1 = its own. None = ``heterogeneity``. The client
+            sizes (quantity skew) are those of the real data at every level.
         seed: data seed (same seed => identical data, bit for bit).
         image_size: preprocessed ``(H, W, D)``.
         spacing: preprocessed voxel size (mm).
@@ -119,6 +129,8 @@ class SynthConfig:
     scale: float = 1.0
     min_per_vendor: int = 12
     heterogeneity: float = 1.0
+    appearance_shift: float | None = None
+    label_shift: float | None = None
     seed: int = 0
     image_size: tuple[int, int, int] = (48, 48, 8)
     spacing: tuple[float, float, float] = (3.0, 3.0, 10.0)
@@ -150,6 +162,15 @@ class SynthConfig:
             f"must lie in [0, 1], got {self.heterogeneity!r}",
         )
         self.heterogeneity = float(self.heterogeneity)
+        for name in ("appearance_shift", "label_shift"):
+            value = getattr(self, name)
+            check(
+                value is None or 0.0 <= float(value) <= 1.0,
+                name,
+                f"must be None (= heterogeneity) or lie in [0, 1], got {value!r}",
+            )
+            if value is not None:
+                setattr(self, name, float(value))
         check(
             int(self.seed) == self.seed and self.seed >= 0,
             "seed",
@@ -225,9 +246,27 @@ class SynthConfig:
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
+    @property
+    def appearance_level(self) -> float:
+        """The feature shift in effect: ``appearance_shift``, else ``heterogeneity``."""
+        a = self.appearance_shift
+        return self.heterogeneity if a is None else a
+
+    @property
+    def label_level(self) -> float:
+        """The label shift in effect: ``label_shift``, else ``heterogeneity``."""
+        return self.heterogeneity if self.label_shift is None else self.label_shift
+
     def to_dict(self) -> dict:
-        """JSON-friendly dictionary of the config."""
+        """JSON-friendly dictionary of the config.
+
+        The two shifts are left out while None (they then follow ``heterogeneity``), so
+        a data set made before they existed keeps its ``dataset.json`` and cache key.
+        """
         out = dataclasses.asdict(self)
+        for name in ("appearance_shift", "label_shift"):
+            if out[name] is None:
+                del out[name]
         out["image_size"] = list(self.image_size)
         out["spacing"] = list(self.spacing)
         return out
@@ -344,8 +383,8 @@ def cohort_plan(config: SynthConfig) -> list[SubjectSpec]:
     """The subjects of the data set in a stable order (vendor, part, index).
 
     Per client part, ``round(n * healthy share)`` subjects are ``NOR`` (the share
-    interpolated by ``heterogeneity``); the diseased ones are split over the part's
-    disease mix by largest remainders. A vendor with at least 12 subjects gets at least
+    interpolated by the label shift, :attr:`SynthConfig.label_level`); the diseased
+    ones are split over the part's disease mix by largest remainders. A vendor with at least 12 subjects gets at least
     3 healthy and 3 diseased (at least 1 of each from 2 subjects). Pathologies are then shuffled within the part by a
     generator seeded by ``(seed, vendor, part)``.
     """
@@ -355,7 +394,7 @@ def cohort_plan(config: SynthConfig) -> list[SubjectSpec]:
         sizes = _part_sizes(vendor, n_vendor)
         healthy = {
             p: int(
-                math.floor(n * healthy_fraction(vendor, p, config.heterogeneity) + 0.5)
+                math.floor(n * healthy_fraction(vendor, p, config.label_level) + 0.5)
             )
             for p, n in sizes.items()
         }
@@ -367,7 +406,7 @@ def cohort_plan(config: SynthConfig) -> list[SubjectSpec]:
         while n_vendor - sum(healthy.values()) < least:
             healthy[max(healthy, key=lambda p: healthy[p])] -= 1
         for p, n in sizes.items():
-            mix = disease_mix(vendor, p, config.heterogeneity)
+            mix = disease_mix(vendor, p, config.label_level)
             counts = _largest_remainder(n - healthy[p], mix)
             pathologies = ["NOR"] * healthy[p]
             for code, k in counts.items():
@@ -422,7 +461,7 @@ def _generate(
         rng_anat, PATHOLOGY_TO_PHENOTYPE[spec.pathology], overlap=config.class_overlap
     )
     geo = build_geometry(phen, rng_anat)
-    app = appearance_for(spec.vendor, config.heterogeneity)
+    app = appearance_for(spec.vendor, config.appearance_level)
     lo, hi = (int(round(f)) for f in app.frames)
     n_frames = int(rng_anat.integers(lo, hi + 1))
     if config.cine_frames is not None:
@@ -826,10 +865,10 @@ def pretraining_pool(
         pick_seq, case_seq = seq.spawn(2)
         rng = np.random.default_rng(pick_seq)
         vendor, part = parts[rng.choice(len(parts), p=weights / weights.sum())]
-        if rng.random() < healthy_fraction(vendor, part, config.heterogeneity):
+        if rng.random() < healthy_fraction(vendor, part, config.label_level):
             pathology = "NOR"
         else:
-            mix = disease_mix(vendor, part, config.heterogeneity)
+            mix = disease_mix(vendor, part, config.label_level)
             codes = list(mix) if part == "mnms" else list(ACDC_GROUPS)
             p = np.array([mix[c] for c in codes])
             pathology = codes[rng.choice(len(codes), p=p / p.sum())]

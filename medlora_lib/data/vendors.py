@@ -16,8 +16,11 @@ Appearance parameters (:data:`VENDOR_APPEARANCE`) are plausible, not measured: i
 resolution, field of view, slice spacing and frame counts lie in the published ranges of
 the two data sets (in-plane 0.98-1.9 mm, slices 5-10 mm, 12-35 frames); contrast, SNR,
 bias-field strength, blur and intensity scale are chosen so that the vendors differ
-visibly and measurably. The ``heterogeneity`` knob interpolates every numeric parameter
-between the across-vendor mean (0) and the vendor's own value (1).
+visibly and measurably. Each knob interpolates between the across-vendor mean (0) and
+the vendor's own value (1): ``appearance_for(vendor, level)`` every numeric appearance
+parameter (the feature shift, ``data.appearance_shift``), ``healthy_fraction`` /
+``disease_mix`` the prevalence and disease mix (the label shift, ``data.label_shift``);
+``data.heterogeneity`` sets both at once unless they are given (chapter 07 sweeps each).
 """
 
 from __future__ import annotations
