@@ -16,7 +16,7 @@ export MPLBACKEND := Agg
 export PYTHONHASHSEED := 0
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install book test lint format clean bench screenshot
+.PHONY: install book test test-fast lint format clean bench screenshot
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,8 +31,14 @@ install: $(STAMP)
 book: install
 	$(PY) -m medlora_lib.bookrun --profile cpu --out _build
 
+# `--durations` keeps the slowest tests in the log of every run (CI included).
 test: install lint
-	MEDLORA_MIN_TESTS=500 $(PY) -m pytest
+	MEDLORA_MIN_TESTS=500 $(PY) -m pytest --durations=25
+
+# The edit-test loop: everything but the tests marked slow (notebook smoke runs, Flower
+# simulations and loopback deployments, the clean-venv install); `make test` runs all.
+test-fast: install
+	$(PY) -m pytest -m "not slow" -q --durations=10
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -36,6 +36,14 @@ __all__ = [
     "PRIVACY_SETTINGS",
     "privacy_configs",
     "run_privacy_grid",
+    "SHIFT_SETTINGS",
+    "SHIFT_METHODS",
+    "real_data_dir",
+    "shift_sweep_configs",
+    "run_shift_sweep",
+    "JOIN_SETTINGS",
+    "run_new_site_joins",
+    "join_differences",
 ]
 
 #: Every method of the book, in the order tables and figures show them: the registry's.
@@ -286,3 +294,241 @@ def run_privacy_grid(
         (label, kind, r) for (label, kind, _), r in zip(planned, results, strict=True)
     ]
     return pd.concat(frames, ignore_index=True), runs
+
+
+# ---------------------------------------------------------------- chapter 07: two shifts
+#: Chapter ``07_beyond_the_paper``'s sweep: ``(label, data.appearance_shift,
+#: data.label_shift)``. The default (both shifts, the main comparison's runs, read from
+#: its cache) and each shift removed in turn, so the chapter can say which shift the
+#: local adapter answers. Each knob is chapter 01's (``medlora_lib.data.vendors``).
+SHIFT_SETTINGS: tuple[tuple[str, float, float], ...] = (
+    ("both shifts", 1.0, 1.0),
+    ("label shift only", 0.0, 1.0),
+    ("appearance shift only", 1.0, 0.0),
+)
+#: The methods the sweep compares: each site alone, one shared adapter, shared + local.
+SHIFT_METHODS: tuple[str, ...] = ("local", "fedavg_lora", "med_dual_lora")
+
+
+def real_data_dir(cfg: ExperimentConfig) -> str | None:
+    """The real-data folder ``cfg`` would train on (``data.data_dir`` or
+    ``$MEDLORA_DATA_DIR``), or None for the profile's synthetic data."""
+    import os
+
+    return cfg.data.data_dir or os.environ.get("MEDLORA_DATA_DIR") or None
+
+
+def shift_sweep_configs(
+    profile: str = "cpu",
+    seeds: Iterable[int] = (0, 1, 2),
+    methods: Iterable[str] = SHIFT_METHODS,
+    settings: Iterable[tuple[str, float, float]] = SHIFT_SETTINGS,
+    overrides: Mapping[str, Any] | None = None,
+) -> list[tuple[str, ExperimentConfig]]:
+    """``(setting label, config)`` for every setting × seed × method of chapter
+    ``07_beyond_the_paper``'s shift sweep.
+
+    A setting at ``(1.0, 1.0)`` leaves both knobs unset, so its configs *are* those of
+    the main comparison (same hash, read from its cache).
+
+    Raises:
+        ConfigError: the configs would train on real data (``data.data_dir`` or
+            ``$MEDLORA_DATA_DIR``): the knobs belong to the synthetic generator, so
+            every setting would train the same runs; or a level outside [0, 1].
+    """
+    out = []
+    for label, appearance, label_level in settings:
+        extra: dict[str, Any] = {}
+        if (appearance, label_level) != (1.0, 1.0):
+            extra = {
+                "data.appearance_shift": appearance,
+                "data.label_shift": label_level,
+            }
+        merged = {**dict(overrides or {}), **extra}
+        for cfg in comparison_configs(profile, methods, seeds, merged):
+            real = real_data_dir(cfg)
+            if real:
+                raise ConfigError(
+                    f"the shift sweep moves the synthetic generator's knobs "
+                    f"(data.appearance_shift, data.label_shift), but this config trains "
+                    f"on the real data in {real} (data.data_dir or $MEDLORA_DATA_DIR), "
+                    "where every setting would train the same runs. Unset "
+                    "MEDLORA_DATA_DIR / data.data_dir to run the sweep on synthetic "
+                    "data, or skip it (chapter 07: run_sweep=False)"
+                )
+            out.append((label, cfg))
+    return out
+
+
+def run_shift_sweep(
+    profile: str = "cpu",
+    seeds: Iterable[int] = (0, 1, 2),
+    methods: Iterable[str] = SHIFT_METHODS,
+    settings: Iterable[tuple[str, float, float]] = SHIFT_SETTINGS,
+    overrides: Mapping[str, Any] | None = None,
+    verbose: bool = False,
+    runtime: str = "flower",
+    on_real_data: str = "raise",
+) -> Any:
+    """Run (or read back) :func:`shift_sweep_configs` (chapter ``07_beyond_the_paper``).
+
+    Args:
+        on_real_data: ``"raise"`` (default) or ``"skip"``: print why and return None
+            (the chapter then runs only the part that makes sense on real data, the
+            late site).
+
+    Returns:
+        The results frame of :func:`medlora_lib.stats.collect` (one row per setting,
+        method, seed, client) with ``setting``, ``appearance_shift`` and
+        ``label_shift`` columns; None when skipped.
+
+    Raises:
+        ConfigError: as :func:`shift_sweep_configs` (real data among them, unless
+            ``on_real_data="skip"``).
+    """
+    import pandas as pd
+
+    from medlora_lib.fl import simulate
+    from medlora_lib.stats import collect
+
+    if on_real_data not in ("raise", "skip"):
+        raise ConfigError(
+            f"run_shift_sweep: on_real_data={on_real_data!r}; use 'raise' or 'skip'"
+        )
+    settings = list(settings)
+    try:
+        planned = shift_sweep_configs(profile, seeds, methods, settings, overrides)
+    except ConfigError as err:
+        if on_real_data == "skip" and "same runs" in str(err):
+            print(f"shift sweep skipped: {err}")
+            return None
+        raise
+    levels = {label: (a, lab) for label, a, lab in settings}
+    results = simulate(
+        [c for _, c in planned], use_cache=True, verbose=verbose, runtime=runtime
+    )
+    return pd.concat(
+        [
+            collect([r]).assign(
+                setting=label,
+                appearance_shift=levels[label][0],
+                label_shift=levels[label][1],
+            )
+            for (label, _), r in zip(planned, results, strict=True)
+        ],
+        ignore_index=True,
+    )
+
+
+#: The four ways a late site can be served, in the order chapter 07 shows them.
+JOIN_SETTINGS: tuple[str, ...] = (
+    "alone (local)",
+    "zero-shot global",
+    "join (local adapter on global)",
+    "member from the start",
+)
+
+
+def run_new_site_joins(
+    profile: str = "cpu",
+    newcomers: Iterable[str] = ("Siemens", "Philips", "GE", "Canon"),
+    seeds: Iterable[int] = (0, 1, 2),
+    overrides: Mapping[str, Any] | None = None,
+    verbose: bool = False,
+    runtime: str = "flower",
+) -> Any:
+    """Each newcomer in turn held out of a Med-DualLoRA federation, then served four ways
+    (chapter ``07_beyond_the_paper``): trained **alone** (``local`` of the main
+    comparison), the final global adapter and head deployed as they are (**zero-shot**),
+    its own local adapter and head trained on the frozen global adapter (**join**,
+    :func:`medlora_lib.fl.newsite.join_new_site`), and Med-DualLoRA with it a
+    **member from the start** (main comparison). Works on real data too (the sites are
+    those of the prepared folder).
+
+    All federations (the held-out ones and the references) run in one
+    :func:`~medlora_lib.fl.simulate` call, through the cache.
+
+    Returns:
+        A frame with one row per (vendor, seed, setting of :data:`JOIN_SETTINGS`):
+        ``vendor``, ``seed``, ``setting``, ``balanced_accuracy``, ``specificity``
+        (test split; the selected round, zero-shot: the final global state).
+
+    Raises:
+        ConfigError: no newcomer, or a newcomer that is not a site of the data.
+    """
+    import pandas as pd
+
+    from medlora_lib.fl import simulate
+    from medlora_lib.fl.newsite import join_new_site
+
+    newcomers, seeds = list(newcomers), [int(s) for s in seeds]
+    if not newcomers:
+        raise ConfigError("run_new_site_joins: give at least one newcomer")
+    base = dict(overrides or {})
+    fed_cfgs = [
+        get_config(
+            profile,
+            method="med_dual_lora",
+            seed=s,
+            overrides={**base, "fed.exclude": [v]},
+        )
+        for v in newcomers
+        for s in seeds
+    ]
+    ref_cfgs = comparison_configs(profile, ["local", "med_dual_lora"], seeds, base)
+    results = list(
+        simulate(
+            [*fed_cfgs, *ref_cfgs], use_cache=True, verbose=verbose, runtime=runtime
+        )
+    )
+    feds, refs = results[: len(fed_cfgs)], results[len(fed_cfgs) :]
+    ref = {
+        (r.config.method, r.config.seed): r.selected().set_index("client") for r in refs
+    }
+    rows = []
+    for cfg, fed in zip(fed_cfgs, feds, strict=True):
+        v, s = cfg.fed.exclude[0], cfg.seed
+        joined, zero = join_new_site(fed, v, verbose=verbose)
+        sel = joined.selected().set_index("client").loc[v]
+        alone = ref[("local", s)].loc[v]
+        member = ref[("med_dual_lora", s)].loc[v]
+        values = (
+            (alone["balanced_accuracy"], alone["specificity"]),
+            (zero["test_balanced_accuracy"], zero["test_specificity"]),
+            (sel["balanced_accuracy"], sel["specificity"]),
+            (member["balanced_accuracy"], member["specificity"]),
+        )
+        for setting, (ba, spec) in zip(JOIN_SETTINGS, values, strict=True):
+            rows.append(
+                {
+                    "vendor": v,
+                    "seed": s,
+                    "setting": setting,
+                    "balanced_accuracy": float(ba),
+                    "specificity": float(spec),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def join_differences(joins: Any) -> Any:
+    """Paired differences of chapter 07's join table, per (vendor, seed): join − alone,
+    join − zero-shot, join − member; mean, sd, count, wins and losses (|d| > 1e-12)
+    over the pairs. ``joins`` is :func:`run_new_site_joins`'s frame."""
+    import pandas as pd
+
+    pair = joins.pivot_table(
+        index=["vendor", "seed"], columns="setting", values="balanced_accuracy"
+    )
+    join = pair["join (local adapter on global)"]
+    diff = pd.DataFrame(
+        {
+            "join − alone": join - pair["alone (local)"],
+            "join − zero-shot": join - pair["zero-shot global"],
+            "join − member": join - pair["member from the start"],
+        }
+    )
+    summary = diff.agg(["mean", "std", "count"]).T
+    summary["wins"] = (diff > 1e-12).sum()
+    summary["losses"] = (diff < -1e-12).sum()
+    return summary
