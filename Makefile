@@ -52,6 +52,7 @@ bench: install
 	$(PY) benchmarks/bench_data.py
 	$(PY) benchmarks/bench_model.py
 	$(PY) benchmarks/bench_prefix_cache.py
+	$(PY) benchmarks/bench_metrics.py
 	$(PY) benchmarks/bench_federation.py
 	$(PY) benchmarks/bench_privacy.py
 	$(PY) benchmarks/bench_memory.py

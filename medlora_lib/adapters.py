@@ -68,6 +68,7 @@ from medlora_lib.config import LORA_TARGETS, AdapterSection
 from medlora_lib.errors import CheckpointError, ConfigError
 
 __all__ = [
+    "check_adapter_sum",
     "ADAPTER_INFO_ATTR",
     "GLOBAL_ADAPTER",
     "KNOWN_TARGETS",
@@ -939,6 +940,61 @@ def lora_delta(model: nn.Module, adapter_name: str, module_name: str) -> torch.T
     a = lora_a[adapter_name].weight
     b = module.lora_B[adapter_name].weight
     return module.scaling[adapter_name] * (b @ a)
+
+
+def check_adapter_sum(
+    model: nn.Module,
+    module_suffix: str = "attn.q",
+    n_inputs: int = 3,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Check on one adapted linear that its output is the frozen layer plus every
+    adapter's update: ``h = W0 x + b + sum_k (alpha/r) B_k A_k x``.
+
+    Chapters ``00_foundation_model_and_lora`` and ``04_med_dual_lora``: for Med-DualLoRA
+    the global and the local adapter are both active and their outputs add. The module
+    is the last adapted one whose name ends with ``module_suffix``; the inputs are
+    ``n_inputs`` Gaussian rows from a generator seeded by ``seed``. A freshly built
+    model has ``B = 0`` (its updates vanish); the check holds either way.
+
+    Returns:
+        ``module`` (name without peft's prefix), ``adapters`` (names on it),
+        ``active`` (peft's active adapters), ``max_abs_error`` of the sum, and
+        ``update_norms`` (``||Δ_k x||`` per adapter, to see that they are not zero).
+
+    Raises:
+        ConfigError: no adapted module ends with ``module_suffix``.
+    """
+    base = unwrap_model(model)
+    names = [
+        n
+        for n, m in base.named_modules()
+        if n.endswith(module_suffix)
+        and isinstance(getattr(m, "lora_A", None), nn.ModuleDict)
+    ]
+    if not names:
+        raise ConfigError(
+            f"check_adapter_sum: no adapted module ends with {module_suffix!r}; adapted "
+            "modules are the target_modules of the adapted_blocks"
+        )
+    name = names[-1]
+    layer = base.get_submodule(name)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_inputs, layer.in_features, generator=gen)
+    adapters = sorted(layer.lora_A.keys())
+    active = list(getattr(layer, "active_adapters", adapters))
+    with torch.no_grad():
+        h = layer(x)
+        frozen = layer.base_layer(x)
+        updates = {a: x @ lora_delta(model, a, name).T for a in active}
+        err = (h - (frozen + sum(updates.values()))).abs().max().item()
+    return {
+        "module": name,
+        "adapters": adapters,
+        "active": active,
+        "max_abs_error": float(err),
+        "update_norms": {a: float(u.norm()) for a, u in updates.items()},
+    }
 
 
 # --------------------------------------------------------------------------------------

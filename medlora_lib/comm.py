@@ -26,6 +26,8 @@ __all__ = [
     "bytes_table",
     "cumulative_traffic",
     "bytes_to_reach",
+    "BASE_VARIANTS",
+    "model_payload_table",
 ]
 
 
@@ -218,3 +220,70 @@ def bytes_to_reach(
     first = f"first round >= {target}"
     reach[first] = reach[first].astype("Int64")  # empty (<NA>) when never reached
     return curves, reach
+
+
+#: Chapter 06's CineMA-base adapter variants: ``(label, AdapterConfig changes)``.
+BASE_VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("last2, rank 8, q/kv/proj (this book's default)", {"adapted_blocks": "last2"}),
+    (
+        "last2, rank 8, q/kv/proj/fc1/fc2",
+        {
+            "adapted_blocks": "last2",
+            "target_modules": ("attn.q", "attn.kv", "attn.proj", "mlp.fc1", "mlp.fc2"),
+        },
+    ),
+    ("last4, rank 8, q/kv/proj", {"adapted_blocks": "last4"}),
+    ("all 12 blocks, rank 8, q/kv/proj", {"adapted_blocks": "all"}),
+)
+
+
+def model_payload_table(
+    adapter: Any,
+    size: str = "base",
+    image_size: tuple[int, int, int] = (192, 192, 16),
+    variants: Any = BASE_VARIANTS,
+    methods: Any = ("fedavg_lora", "ffa_lora", "fedsa_lora", "med_dual_lora"),
+    bytes_per_value: int = 4,
+) -> Any:
+    """What one client sends per round on a model of ``size``, computed, not measured
+    (chapter ``notebooks/06_communication_analysis``).
+
+    One row per adapter variant × method (closed form,
+    :func:`~medlora_lib.adapters.closed_form_lora_params`; ``adapter`` is the
+    :class:`~medlora_lib.adapters.AdapterConfig` each variant changes, e.g. the book's
+    run's) and a last row for **full-model FedAvg** (every parameter of the model,
+    counted on the meta device: nothing is allocated).
+
+    Returns:
+        Columns ``adapters``, ``method``, ``shared params``, ``MB / transfer (fp32)``
+        (``bytes_per_value`` bytes per value, 4 = float32).
+    """
+    import dataclasses
+
+    import pandas as pd
+    import torch
+
+    from medlora_lib.adapters import closed_form_lora_params
+    from medlora_lib.models import build_convvit
+    from medlora_lib.models.convvit import SIZES
+
+    with torch.device("meta"):
+        full = build_convvit(size, image_size=tuple(image_size))
+    full_params = sum(p.numel() for p in full.parameters())
+    dims = {"mlp_ratio": 4.0, "num_classes": 2, **SIZES[size]}
+    rows = []
+    for label, change in variants:
+        a = dataclasses.replace(adapter, **change)
+        for m in methods:
+            cf = closed_form_lora_params(dataclasses.replace(a, method=m), dims)
+            rows.append({"adapters": label, "method": m, "shared params": cf["shared"]})
+    rows.append(
+        {
+            "adapters": "no adapters",
+            "method": "full-model FedAvg",
+            "shared params": full_params,
+        }
+    )
+    table = pd.DataFrame(rows)
+    table["MB / transfer (fp32)"] = table["shared params"] * bytes_per_value / 1e6
+    return table

@@ -603,6 +603,27 @@ def test_dual_adapters_add_up_at_module_level(kind, module):
 
 
 @pytest.mark.parametrize("kind", list(MODELS))
+def test_check_adapter_sum_sums_the_active_adapters(kind):
+    from medlora_lib.adapters import check_adapter_sum
+
+    m = _build(kind, "med_dual_lora", lora_rank=4, lora_alpha=12.0, local_lora_rank=2)
+    _randomise_b(m)
+    check = check_adapter_sum(m, "attn.kv", seed=1)
+    assert check["module"].endswith("attn.kv")
+    assert check["adapters"] == ["global", "local"] == sorted(check["active"])
+    assert check["max_abs_error"] < 1e-5
+    assert min(check["update_norms"].values()) > 0
+    # only one adapter active: the sum of both no longer holds
+    layer = unwrap_model(m).get_submodule(check["module"])
+    layer.set_adapter("global")
+    one = check_adapter_sum(m, "attn.kv", seed=1)
+    assert one["active"] == ["global"] and one["max_abs_error"] < 1e-5
+    assert set(one["update_norms"]) == {"global"}
+    with pytest.raises(ConfigError, match="mlp.fc9"):
+        check_adapter_sum(m, "mlp.fc9")
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
 def test_dual_model_equals_plain_model_with_merged_weights(kind):
     torch.manual_seed(0)
     plain = MODELS[kind]()

@@ -56,3 +56,31 @@ def test_bytes_to_reach_reads_the_validation_curve_averaged_over_seeds():
     assert np.isnan(reach.loc["slow", "MB to get there"])
     _, on_test = bytes_to_reach(runs, 0.75, metric="test_balanced_accuracy")
     assert on_test.loc["slow", "first round >= 0.75"] == 1
+
+
+def test_model_payload_table_matches_real_peft_models_and_the_full_model():
+    import dataclasses
+
+    import torch
+
+    from medlora_lib.adapters import AdapterConfig, apply_adapters, get_shared_state
+    from medlora_lib.comm import BASE_VARIANTS, model_payload_table
+    from medlora_lib.models import build_convvit
+
+    size, image = "small", (32, 32, 8)
+    base = AdapterConfig(method="fedavg_lora", lora_rank=4, lora_alpha=8.0)
+    table = model_payload_table(base, size, image)
+    assert len(table) == len(BASE_VARIANTS) * 4 + 1
+    full = sum(p.numel() for p in build_convvit(size, image_size=image).parameters())
+    last = table.iloc[-1]
+    assert last["method"] == "full-model FedAvg" and last["shared params"] == full
+    assert last["MB / transfer (fp32)"] == pytest.approx(full * 4 / 1e6)
+    # every adapter row is what a real peft model of that variant would send
+    for label, change in BASE_VARIANTS[:2]:
+        for method in ("fedavg_lora", "ffa_lora", "med_dual_lora"):
+            acfg = dataclasses.replace(base, method=method, **change)
+            torch.manual_seed(0)
+            model = apply_adapters(build_convvit(size, image_size=image), acfg)
+            real = sum(t.numel() for t in get_shared_state(model).values())
+            row = table[(table["adapters"] == label) & (table["method"] == method)]
+            assert int(row["shared params"].iloc[0]) == real, (label, method)
