@@ -1,7 +1,7 @@
 """The book's shared experiments: one definition, reused by every chapter through the cache.
 
 Chapters ``notebooks/03_fedavg_lora`` (runs the main comparison), ``04_med_dual_lora``,
-``05_block_ablation`` and ``06_communication_analysis`` (read it back).
+``05_block_ablation`` (:func:`ablation_configs`) and ``06_communication_analysis`` (read it back).
 
 :func:`comparison_configs` builds the configs of the **main comparison** — every method
 of :data:`ALL_METHODS` × several seeds, on the same data, model, budget, optimiser, class
@@ -30,6 +30,9 @@ __all__ = [
     "DEFAULT_SEEDS",
     "comparison_configs",
     "run_comparison",
+    "ABLATION_BLOCKS",
+    "ABLATION_RANKS",
+    "ablation_configs",
     "capacity_control_configs",
     "run_capacity_controls",
     "PRIVACY_METHODS",
@@ -100,6 +103,72 @@ def run_comparison(
 
     configs = comparison_configs(profile, methods, seeds, overrides)
     return list(simulate(configs, use_cache=True, verbose=verbose))
+
+
+#: Chapter ``05_block_ablation``'s defaults: which blocks, and which ranks at the last two.
+ABLATION_BLOCKS: tuple[str, ...] = ("last1", "last2", "last4", "all", "first2")
+ABLATION_RANKS: tuple[int, ...] = (4, 8, 16)
+
+
+def ablation_configs(
+    profile: str = "cpu",
+    method: str = "med_dual_lora",
+    seeds: Iterable[int] = (0, 1, 2),
+    block_choices: Iterable[str] = ABLATION_BLOCKS,
+    rank_choices: Iterable[int] = ABLATION_RANKS,
+    overrides: Mapping[str, Any] | None = None,
+) -> tuple[list[dict[str, Any]], list[ExperimentConfig], list[dict[str, Any]]]:
+    """The block / rank ablation of chapter ``05_block_ablation``.
+
+    The block study adapts each of ``block_choices`` at rank 8; the rank study adapts the
+    last two blocks at each rank of ``rank_choices`` but 8 (``lora_alpha`` = 2 × rank).
+    Only what differs from the profile's adapter is overridden, so the default variant
+    *is* the main comparison's config (same hash: read from chapter 03's cache).
+
+    Returns:
+        ``(variants, configs, keys)``: one dict per variant (``study``, ``blocks``,
+        ``rank``), the configs variant-major then seed, and for each config its
+        variant's dict with its ``seed``.
+
+    Raises:
+        ConfigError: no seed, no variant, or an invalid block choice / rank.
+    """
+    seeds = [int(s) for s in seeds]
+    base = dict(overrides or {})
+    base_cfg = get_config(profile, method=method, overrides=base)
+    default = base_cfg.adapter_config()
+    from medlora_lib.adapters import resolve_adapted_blocks
+    from medlora_lib.models.convvit import SIZES
+
+    depth = int(
+        base_cfg.model.overrides.get("depth", SIZES[base_cfg.model.size]["depth"])
+    )
+    variants = [{"study": "blocks", "blocks": b, "rank": 8} for b in block_choices]
+    variants += [
+        {"study": "rank", "blocks": "last2", "rank": int(r)}
+        for r in rank_choices
+        if int(r) != 8
+    ]
+    if not seeds or not variants:
+        raise ConfigError(
+            f"ablation_configs: give at least one seed and one variant (got seeds="
+            f"{seeds}, block_choices={list(block_choices)}, "
+            f"rank_choices={list(rank_choices)})"
+        )
+    for v in variants:  # a block choice the model cannot take fails here, named
+        resolve_adapted_blocks(v["blocks"], depth)
+    configs, keys = [], []
+    for v in variants:
+        ov = dict(base)
+        if v["blocks"] != default.adapted_blocks:
+            ov["adapter.adapted_blocks"] = v["blocks"]
+        if v["rank"] != default.lora_rank:
+            ov["adapter.lora_rank"] = v["rank"]
+            ov["adapter.lora_alpha"] = 2 * v["rank"]
+        for s in seeds:
+            configs.append(get_config(profile, method=method, seed=s, overrides=ov))
+            keys.append({**v, "seed": s})
+    return variants, configs, keys
 
 
 def capacity_control_configs(
