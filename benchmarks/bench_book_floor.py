@@ -75,23 +75,14 @@ def notebook_configs(profile: str, rounds: int) -> dict[str, list[ExperimentConf
     ov = {"fed.num_rounds": rounds}
     s3, s4, s5, s7 = (NOTEBOOK_SEEDS[k] for k in ("03", "04", "05", "07"))
     controls = ex.capacity_control_configs(profile, s4, ov)
-    joins = [
-        get_config(
-            profile,
-            method="med_dual_lora",
-            seed=s,
-            overrides={**ov, "fed.exclude": [v]},
-        )
-        for v in NEWCOMERS
-        for s in s7
-    ]
+    held_out, refs = ex.new_site_join_configs(profile, NEWCOMERS, s7, ov)
     return {
         "03": ex.comparison_configs(profile, ex.ALL_METHODS, s3, ov),
         "04": [c for group in controls.values() for c in group],
         "05": ex.ablation_configs(profile, "med_dual_lora", s5, overrides=ov)[1],
         "07": [c for _, c in ex.shift_sweep_configs(profile, s7, overrides=ov)]
-        + joins
-        + ex.comparison_configs(profile, ["local", "med_dual_lora"], s7, ov),
+        + held_out
+        + refs,
     }
 
 

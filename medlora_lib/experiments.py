@@ -45,6 +45,7 @@ __all__ = [
     "shift_sweep_configs",
     "run_shift_sweep",
     "JOIN_SETTINGS",
+    "new_site_join_configs",
     "run_new_site_joins",
     "join_differences",
 ]
@@ -498,6 +499,37 @@ JOIN_SETTINGS: tuple[str, ...] = (
 )
 
 
+def new_site_join_configs(
+    profile: str = "cpu",
+    newcomers: Iterable[str] = ("Siemens", "Philips", "GE", "Canon"),
+    seeds: Iterable[int] = (0, 1, 2),
+    overrides: Mapping[str, Any] | None = None,
+) -> tuple[list[ExperimentConfig], list[ExperimentConfig]]:
+    """The federations of :func:`run_new_site_joins` (chapter ``07_beyond_the_paper``):
+    Med-DualLoRA with each newcomer held out (``fed.exclude``, newcomer-major then
+    seed), and the references ``local`` / ``med_dual_lora`` of the main comparison.
+
+    Raises:
+        ConfigError: no newcomer.
+    """
+    newcomers, seeds = list(newcomers), [int(s) for s in seeds]
+    if not newcomers:
+        raise ConfigError("run_new_site_joins: give at least one newcomer")
+    base = dict(overrides or {})
+    held_out = [
+        get_config(
+            profile,
+            method="med_dual_lora",
+            seed=s,
+            overrides={**base, "fed.exclude": [v]},
+        )
+        for v in newcomers
+        for s in seeds
+    ]
+    refs = comparison_configs(profile, ["local", "med_dual_lora"], seeds, base)
+    return held_out, refs
+
+
 def run_new_site_joins(
     profile: str = "cpu",
     newcomers: Iterable[str] = ("Siemens", "Philips", "GE", "Canon"),
@@ -530,21 +562,7 @@ def run_new_site_joins(
     from medlora_lib.fl import simulate
     from medlora_lib.fl.newsite import join_new_site
 
-    newcomers, seeds = list(newcomers), [int(s) for s in seeds]
-    if not newcomers:
-        raise ConfigError("run_new_site_joins: give at least one newcomer")
-    base = dict(overrides or {})
-    fed_cfgs = [
-        get_config(
-            profile,
-            method="med_dual_lora",
-            seed=s,
-            overrides={**base, "fed.exclude": [v]},
-        )
-        for v in newcomers
-        for s in seeds
-    ]
-    ref_cfgs = comparison_configs(profile, ["local", "med_dual_lora"], seeds, base)
+    fed_cfgs, ref_cfgs = new_site_join_configs(profile, newcomers, seeds, overrides)
     results = list(
         simulate(
             [*fed_cfgs, *ref_cfgs], use_cache=True, verbose=verbose, runtime=runtime
