@@ -1,6 +1,7 @@
 """The ``medlora`` command line.
 
-- ``medlora synth OUT_DIR [--layout preprocessed|acdc|mnms] [--profile P] [--seed N]``
+- ``medlora synth OUT_DIR [--layout preprocessed|acdc|mnms|mnms2] [--profile P]
+  [--seed N]``
 - ``medlora prepare {acdc,mnms,mnms2} RAW_DIR OUT_DIR [--profile P] [--merge]``
 - ``medlora config [--profile P] [--set section.field=value ...]``
 - ``medlora book [--profile P]``
@@ -25,7 +26,7 @@ from pathlib import Path
 from medlora_lib.config import PROFILES, get_config
 from medlora_lib.errors import MedloraError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "synth_config"]
 
 
 def _add_profile(p: argparse.ArgumentParser, default: str = "cpu") -> None:
@@ -50,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--layout",
         default="preprocessed",
-        choices=["preprocessed", "acdc", "mnms"],
-        help="ready-to-train arrays + manifest, or the official ACDC / M&Ms raw layout",
+        choices=["preprocessed", "acdc", "mnms", "mnms2"],
+        help="ready-to-train arrays + manifest, or the official ACDC / M&Ms / M&Ms-2 "
+        "raw layout (mnms2: other subjects, for `prepare mnms2 --merge`)",
     )
     _add_profile(s)
     s.add_argument("--seed", type=int, default=0)
@@ -236,13 +238,21 @@ def _cmd_run(args: argparse.Namespace, deploy: bool = False) -> None:
     )
 
 
-def _cmd_synth(args: argparse.Namespace) -> None:
-    from medlora_lib.data.synthetic import SynthConfig, make_synthetic
+def synth_config(args: argparse.Namespace):
+    """The :class:`~medlora_lib.data.synthetic.SynthConfig` a ``medlora synth`` command
+    line writes with (so that a test can regenerate its reference subjects)."""
+    from medlora_lib.data.synthetic import SynthConfig
 
     overrides = {"seed": args.seed, "heterogeneity": args.heterogeneity}
     if args.scale is not None:
         overrides["scale"] = args.scale
-    cfg = SynthConfig.for_profile(args.profile, **overrides)
+    return SynthConfig.for_profile(args.profile, **overrides)
+
+
+def _cmd_synth(args: argparse.Namespace) -> None:
+    from medlora_lib.data.synthetic import make_synthetic
+
+    cfg = synth_config(args)
     t0 = time.perf_counter()
     out = make_synthetic(
         args.out_dir, cfg, layout=args.layout, overwrite=args.overwrite

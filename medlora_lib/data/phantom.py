@@ -69,7 +69,7 @@ __all__ = [
 
 PHENOTYPES = ("NOR", "DCM", "HCM", "MINF", "RV", "HHD", "AHS", "LVNC", "OTHER")
 
-#: Dataset codes (ACDC groups and M&Ms pathology codes) -> phantom phenotype.
+#: Dataset codes (ACDC groups, M&Ms-1 / M&Ms-2 pathologies) -> phantom phenotype.
 PATHOLOGY_TO_PHENOTYPE = {
     "NOR": "NOR",
     "DCM": "DCM",
@@ -83,6 +83,13 @@ PATHOLOGY_TO_PHENOTYPE = {
     "LVNC": "LVNC",
     "Other": "OTHER",
     "OTHER": "OTHER",
+    # M&Ms-2 codes (NOR, HCM and RV as above). The phantom has no phenotype of its own
+    # for the right-heart diseases: the dilated, hypokinetic RV one is the closest.
+    "LV": "DCM",  # dilated LV
+    "ARR": "RV",  # arrhythmogenic (right-heart involvement, as M&Ms-1 ARV)
+    "FALL": "RV",  # repaired tetralogy of Fallot: RV volume overload
+    "CIA": "RV",  # inter-atrial communication (atrial septal defect): RV overload
+    "TRI": "RV",  # tricuspid regurgitation: RV overload
 }
 
 # (mean, sd, low, high) of clipped normals. EDVi in mL/m^2, EF in %, wall in mm.

@@ -1,8 +1,9 @@
-"""Write synthetic cases in the official ACDC and M&Ms-1 download layouts.
+"""Write synthetic cases in the official ACDC, M&Ms-1 and M&Ms-2 download layouts.
 
 With these, the real-data loaders (:mod:`medlora_lib.data.acdc`,
-:mod:`medlora_lib.data.mnms`) and ``medlora prepare`` can be exercised end to end without
-downloading anything. The layouts follow ``../shared/reference/datasets.md``:
+:mod:`medlora_lib.data.mnms`, :mod:`medlora_lib.data.mnms2`) and ``medlora prepare`` can
+be exercised end to end without downloading anything. The layouts follow
+``../shared/reference/datasets.md``:
 
 * **ACDC**: ``database/{training,testing}/patientXXX/`` with ``Info.cfg`` (1-based
   ``ED`` / ``ES`` frame numbers), ``patientXXX_4d.nii.gz`` (x, y, z, t) and
@@ -14,9 +15,17 @@ downloading anything. The layouts follow ``../shared/reference/datasets.md``:
   ``ES``. Cases are distributed over the folders per vendor in the proportions of the
   real open set (Siemens 75/5/15, Philips 75/10/40, GE 25/10/40 with its training cases
   unlabelled, Canon 0/10/40 for training/validation/testing).
+* **M&Ms-2**: ``MnM2/dataset/NNN/NNN_SA_{ED,ES}.nii.gz`` (3D frames),
+  ``NNN_SA_{ED,ES}_gt.nii.gz`` (M&Ms map LV 1, MYO 2, RV 3, as the loader assumes) and
+  ``NNN_SA_CINE.nii.gz`` (the whole cine), numbered 001, 002, ... in the order the cases
+  come, plus ``MnM2/dataset_information.csv`` (``SUBJECT_CODE, DISEASE, VENDOR, SCANNER,
+  FIELD``) with the real file's vendor strings (``SIEMENS``, ``Philips Medical
+  Systems``, ``GE MEDICAL SYSTEMS``) and M&Ms-2 disease codes
+  (:data:`MNMS2_DISEASE_FROM`). The long-axis (``LA``) files of the real download are
+  not written (no loader reads them).
 
-Both writers stream (one case in memory at a time) and are atomic: the layout is written
-into a hidden temporary folder and renamed at the end. Explained in
+All three writers stream (one case in memory at a time) and are atomic: the layout is
+written into a hidden temporary folder and renamed at the end. Explained in
 ``book/synthetic_data.md``.
 """
 
@@ -43,8 +52,14 @@ __all__ = [
     "MNMS_CSV_NAME",
     "MNMS_CSV_COLUMNS",
     "MNMS_FOLDER_SHARES",
+    "MNMS2_CSV_NAME",
+    "MNMS2_CSV_COLUMNS",
+    "MNMS2_VENDOR_NAMES",
+    "MNMS2_SCANNERS",
+    "MNMS2_DISEASE_FROM",
     "write_acdc_layout",
     "write_mnms_layout",
+    "write_mnms2_layout",
 ]
 
 #: medlora label (index) -> ACDC label: LV 1 -> 3, MYO 2 -> 2, RV 3 -> 1.
@@ -62,6 +77,30 @@ MNMS_FOLDER_SHARES = {
     "Canon": (0, 10, 40),
 }
 _VENDOR_LETTER = {"Siemens": "A", "Philips": "B", "GE": "C", "Canon": "D"}
+MNMS2_CSV_NAME = "dataset_information.csv"
+MNMS2_CSV_COLUMNS = ("SUBJECT_CODE", "DISEASE", "VENDOR", "SCANNER", "FIELD")
+#: medlora vendor -> the VENDOR string of the real M&Ms-2 CSV (M&Ms-2 has no Canon).
+MNMS2_VENDOR_NAMES = {
+    "Siemens": "SIEMENS",
+    "Philips": "Philips Medical Systems",
+    "GE": "GE MEDICAL SYSTEMS",
+}
+#: (SCANNER, FIELD in T) written per vendor: plausible 1.5 T models of these vendors,
+#: not taken from the real file (the synthetic appearance does not depend on them).
+MNMS2_SCANNERS = {
+    "Siemens": ("Avanto", 1.5),
+    "Philips": ("Achieva", 1.5),
+    "GE": ("Signa HDxt", 1.5),
+}
+#: Case pathology -> M&Ms-2 ``DISEASE`` code. M&Ms-2 codes pass unchanged; the ACDC /
+#: M&Ms-1 codes with an M&Ms-2 counterpart are translated (DCM -> LV dilated LV, ARV
+#: and ACDC's RV -> RV dilated RV). The others (MINF, IHD, HHD, AHS, LVNC, Other) have
+#: none and are refused rather than relabelled.
+MNMS2_DISEASE_FROM = {
+    **{c: c for c in ("NOR", "LV", "RV", "HCM", "ARR", "FALL", "CIA", "TRI")},
+    "DCM": "LV",
+    "ARV": "RV",
+}
 _ACDC_TRAINING = 100
 _FRAME_MS = 35.0  # nominal temporal resolution written in pixdim[4]
 
@@ -251,6 +290,92 @@ def write_mnms_layout(
             )
         df = pd.DataFrame(rows, columns=list(MNMS_CSV_COLUMNS))
         df.to_csv(tmp / MNMS_CSV_NAME, index=True)
+        _finish(final, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return raw_dir
+
+
+def _mnms2_disease(case: RawCase) -> str:
+    if case.vendor not in MNMS2_VENDOR_NAMES:
+        raise DataError(
+            f"case {case.subject_id} is a {case.vendor} subject, but M&Ms-2 has no "
+            f"{case.vendor} scanners (its vendors: {', '.join(MNMS2_VENDOR_NAMES)}); "
+            "write it with write_mnms_layout, or generate the M&Ms-2 part with "
+            "generate_cohort(config, parts=('mnms2',))."
+        )
+    code = MNMS2_DISEASE_FROM.get(case.pathology)
+    if code is None:
+        raise DataError(
+            f"case {case.subject_id} has pathology {case.pathology!r}, which has no "
+            f"M&Ms-2 code (accepted: {', '.join(MNMS2_DISEASE_FROM)}); generate the "
+            "M&Ms-2 part with generate_cohort(config, parts=('mnms2',))."
+        )
+    return code
+
+
+def write_mnms2_layout(
+    cases: Iterable[RawCase], raw_dir: str | Path, overwrite: bool = False
+) -> Path:
+    """Write M&Ms-2-like cases in the official M&Ms-2 layout under ``raw_dir/MnM2``.
+
+    Cases are numbered ``001``, ``002``, ... in the order they come; each folder
+    ``MnM2/dataset/NNN/`` holds the ED and ES frames, their ground truth and the whole
+    cine; ``MnM2/dataset_information.csv`` (where the download keeps it, beside
+    ``dataset/``) lists ``SUBJECT_CODE`` (the number), ``DISEASE``
+    (:data:`MNMS2_DISEASE_FROM`), ``VENDOR`` (:data:`MNMS2_VENDOR_NAMES`), ``SCANNER``
+    and ``FIELD`` (:data:`MNMS2_SCANNERS`).
+
+    Args:
+        cases: cases with a whole cine, of the M&Ms-2 vendors (Siemens, Philips, GE).
+        raw_dir: the folder that will hold ``MnM2/``.
+        overwrite: replace an existing ``raw_dir/MnM2``.
+
+    Returns:
+        ``raw_dir`` as a Path.
+
+    Raises:
+        DataError: a case has no cine, is a Canon case (M&Ms-2 has no Canon: refused,
+            not skipped, so that a wrong cohort is noticed), has a pathology without an
+            M&Ms-2 code, or ``MnM2/`` exists and ``overwrite`` is False. Nothing is
+            left behind.
+    """
+    raw_dir = Path(raw_dir)
+    final, tmp = _start(raw_dir, "MnM2", overwrite)
+    rows = []
+    try:
+        for number, case in enumerate(cases, start=1):
+            _require_cine(case)
+            disease = _mnms2_disease(case)
+            code = f"{number:03d}"
+            folder = tmp / "dataset" / code
+            folder.mkdir(parents=True)
+            nib.save(
+                _nifti(case.cine, case, np.int16, True),
+                folder / f"{code}_SA_CINE.nii.gz",
+            )
+            for phase, index, seg in (
+                ("ED", case.ed_index, case.seg_ed),
+                ("ES", case.es_index, case.seg_es),
+            ):
+                stem = folder / f"{code}_SA_{phase}"
+                frame = case.cine[..., index]
+                nib.save(_nifti(frame, case, np.int16, False), f"{stem}.nii.gz")
+                # M&Ms map (LV 1, MYO 2, RV 3) = the medlora map: no remapping
+                nib.save(_nifti(seg, case, np.uint8, False), f"{stem}_gt.nii.gz")
+            scanner, field = MNMS2_SCANNERS[case.vendor]
+            rows.append(
+                {
+                    "SUBJECT_CODE": number,
+                    "DISEASE": disease,
+                    "VENDOR": MNMS2_VENDOR_NAMES[case.vendor],
+                    "SCANNER": scanner,
+                    "FIELD": field,
+                }
+            )
+        df = pd.DataFrame(rows, columns=list(MNMS2_CSV_COLUMNS))
+        df.to_csv(tmp / MNMS2_CSV_NAME, index=False)
         _finish(final, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

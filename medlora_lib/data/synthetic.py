@@ -14,12 +14,20 @@ Reproducibility: every subject draws from its own generator seeded by
 ``SeedSequence(seed, spawn_key=(vendor, part, index))``, so a subject does not depend on
 the generation order nor on the other vendors' sizes. Same config => identical bytes.
 
+Parts: ``"acdc"`` (the ACDC-like Siemens subjects) and ``"mnms"`` (the M&Ms-1-like
+subjects of every vendor) make up the data set (the preprocessed layout). The optional
+``"mnms2"`` part holds *other* people: M&Ms-2-like Siemens, Philips and GE subjects
+(:func:`mnms2_sizes`, M&Ms-2 disease codes), drawn from their own streams (part key 2,
+which no other subject uses), so that ``prepare mnms`` + ``prepare mnms2 --merge`` never
+holds a synthetic patient twice; adding it changes no other subject.
+
 Typical use::
 
     cfg = SynthConfig.for_profile("cpu")
     make_synthetic("data/synthetic_cpu", cfg)                 # ready to train on
     make_synthetic("raw/acdc", cfg, layout="acdc")            # official ACDC layout
     make_synthetic("raw/mnms", cfg, layout="mnms")            # official M&Ms layout
+    make_synthetic("raw/mnms2", cfg, layout="mnms2")          # M&Ms-2 (other subjects)
 """
 
 from __future__ import annotations
@@ -42,10 +50,18 @@ from medlora_lib.data.phantom import (
     render_heart,
     sample_phenotype,
 )
-from medlora_lib.data.raw_writers import write_acdc_layout, write_mnms_layout
+from medlora_lib.data.raw_writers import (
+    write_acdc_layout,
+    write_mnms2_layout,
+    write_mnms_layout,
+)
 from medlora_lib.data.vendors import (
     ACDC_GROUPS,
     CLIENT_PARTS,
+    MNMS2_DISEASE_MIX,
+    MNMS2_HEALTHY_SHARE,
+    MNMS2_SUBJECTS,
+    MNMS2_VENDORS,
     MNMS_CENTRES,
     VENDORS,
     appearance_for,
@@ -62,18 +78,23 @@ __all__ = [
     "RawCase",
     "SubjectSpec",
     "vendor_sizes",
+    "mnms2_sizes",
     "cohort_plan",
     "generate_case",
     "generate_cohort",
     "make_synthetic",
+    "prepared_records",
     "measure_phenotype",
     "pretraining_pool",
     "write_acdc_layout",
     "write_mnms_layout",
+    "write_mnms2_layout",
 ]
 
-Layout = Literal["preprocessed", "acdc", "mnms"]
-_PARTS = ("acdc", "mnms")
+Layout = Literal["preprocessed", "acdc", "mnms", "mnms2"]
+_PARTS = ("acdc", "mnms")  # the data set (the preprocessed layout)
+_ALL_PARTS = (*_PARTS, "mnms2")  # the index of a part is its seed key
+_MNMS2_MIN_PER_VENDOR = 2  # one of each class; the part joins its vendor's site
 
 # Profile values from docs/dev/CONVENTIONS.md (the paper profile uses real data; its
 # synthetic variant keeps the paper's input format).
@@ -115,7 +136,8 @@ class SynthConfig:
             an integer = a whole cine of that many frames for every subject. The raw
             layouts always write a whole cine (the vendor's frame count when None).
         subjects_per_vendor: explicit sizes, overriding ``scale`` (a vendor left out
-            gets no subjects).
+            gets no subjects); the M&Ms-2 part gets the same number for each of its
+            vendors.
         split_seed: seed of the train/val/test split (defaults to ``seed``).
         val_fraction, test_fraction: split shares within each vendor.
         class_overlap: difficulty knob: multiplies every phenotype spread (1 = the
@@ -327,7 +349,7 @@ class SubjectSpec:
     """Who a subject is before it is generated: client part, index and pathology."""
 
     vendor: str
-    part: str  # "acdc" (ACDC-like Siemens) or "mnms" (M&Ms-like)
+    part: str  # "acdc" (ACDC-like Siemens), "mnms" (M&Ms-like) or "mnms2" (M&Ms-2-like)
     index: int  # 0-based within (vendor, part)
     pathology: str
 
@@ -351,6 +373,22 @@ def vendor_sizes(config: SynthConfig) -> dict[str, int]:
     return {
         v: max(config.min_per_vendor, int(math.floor(config.scale * real[v] + 0.5)))
         for v in VENDORS
+    }
+
+
+def mnms2_sizes(config: SynthConfig) -> dict[str, int]:
+    """Subjects per vendor of the M&Ms-2 part (Siemens, Philips, GE; no Canon).
+
+    ``max(2, round(scale * 120))`` (M&Ms-2's 360 subjects split evenly, an assumption:
+    :data:`~medlora_lib.data.vendors.MNMS2_SUBJECTS`), or ``subjects_per_vendor`` when
+    given. The floor is 2 (one healthy, one diseased), not ``min_per_vendor``: the part
+    joins its vendor's site rather than forming one.
+    """
+    if config.subjects_per_vendor is not None:
+        return {v: int(config.subjects_per_vendor.get(v, 0)) for v in MNMS2_VENDORS}
+    return {
+        v: max(_MNMS2_MIN_PER_VENDOR, int(math.floor(config.scale * n + 0.5)))
+        for v, n in MNMS2_SUBJECTS.items()
     }
 
 
@@ -379,17 +417,63 @@ def _seed_seq(seed: int, *key: int) -> np.random.SeedSequence:
     )
 
 
-def cohort_plan(config: SynthConfig) -> list[SubjectSpec]:
-    """The subjects of the data set in a stable order (vendor, part, index).
+def cohort_plan(
+    config: SynthConfig, parts: tuple[str, ...] = _PARTS
+) -> list[SubjectSpec]:
+    """The subjects of the given parts in a stable order (vendor, part, index).
 
     Per client part, ``round(n * healthy share)`` subjects are ``NOR`` (the share
     interpolated by the label shift, :attr:`SynthConfig.label_level`); the diseased
-    ones are split over the part's disease mix by largest remainders. A vendor with at least 12 subjects gets at least
-    3 healthy and 3 diseased (at least 1 of each from 2 subjects). Pathologies are then shuffled within the part by a
-    generator seeded by ``(seed, vendor, part)``.
+    ones are split over the part's disease mix by largest remainders. A vendor with at
+    least 12 subjects gets at least 3 healthy and 3 diseased (at least 1 of each from 2
+    subjects). Pathologies are then shuffled within the part by a generator seeded by
+    ``(seed, vendor, part)``.
+
+    The ``"mnms2"`` part (only when asked for) comes after the others, planned the same
+    way per vendor with :func:`mnms2_sizes`, one healthy share
+    (:data:`~medlora_lib.data.vendors.MNMS2_HEALTHY_SHARE`) and one disease mix
+    (:data:`~medlora_lib.data.vendors.MNMS2_DISEASE_MIX`) for every vendor and label
+    shift: the reference material has no per-vendor figures to shift towards.
+
+    Raises:
+        ConfigError: an unknown part.
     """
+    bad = [p for p in parts if p not in _ALL_PARTS]
+    if bad:
+        raise ConfigError(f"unknown part(s) {bad}; use {list(_ALL_PARTS)}")
+    specs = [s for s in _main_plan(config) if s.part in parts]
+    if "mnms2" in parts:
+        specs += _mnms2_plan(config)
+    return specs
+
+
+def _shuffled(
+    config: SynthConfig, vendor: str, part: str, pathologies: list[str]
+) -> list[SubjectSpec]:
+    rng = np.random.default_rng(
+        _seed_seq(config.seed, VENDORS.index(vendor), _ALL_PARTS.index(part), 10**6)
+    )
+    order = rng.permutation(len(pathologies))
+    return [SubjectSpec(vendor, part, i, pathologies[j]) for i, j in enumerate(order)]
+
+
+def _mnms2_plan(config: SynthConfig) -> list[SubjectSpec]:
     specs: list[SubjectSpec] = []
-    for v_idx, vendor in enumerate(VENDORS):
+    for vendor, n in mnms2_sizes(config).items():
+        least = 3 if n >= 12 else (1 if n >= 2 else 0)
+        healthy = int(math.floor(n * MNMS2_HEALTHY_SHARE + 0.5))
+        healthy = min(max(healthy, least), n - least)
+        counts = _largest_remainder(n - healthy, MNMS2_DISEASE_MIX)
+        pathologies = ["NOR"] * healthy
+        for code, k in counts.items():
+            pathologies += [code] * k
+        specs += _shuffled(config, vendor, "mnms2", pathologies)
+    return specs
+
+
+def _main_plan(config: SynthConfig) -> list[SubjectSpec]:
+    specs: list[SubjectSpec] = []
+    for vendor in VENDORS:
         n_vendor = vendor_sizes(config)[vendor]
         sizes = _part_sizes(vendor, n_vendor)
         healthy = {
@@ -411,13 +495,7 @@ def cohort_plan(config: SynthConfig) -> list[SubjectSpec]:
             pathologies = ["NOR"] * healthy[p]
             for code, k in counts.items():
                 pathologies += [code] * k
-            rng = np.random.default_rng(
-                _seed_seq(config.seed, v_idx, _PARTS.index(p), 10**6)
-            )
-            order = rng.permutation(len(pathologies))
-            specs += [
-                SubjectSpec(vendor, p, i, pathologies[j]) for i, j in enumerate(order)
-            ]
+            specs += _shuffled(config, vendor, p, pathologies)
     return specs
 
 
@@ -547,6 +625,8 @@ def _generate(
     if spec.part == "mnms":
         centres = MNMS_CENTRES[spec.vendor]
         centre = str(centres[spec.index % len(centres)])
+    elif spec.part == "mnms2":
+        centre = "unknown"  # as the M&Ms-2 loader: its CSV names no centre
     metadata = phen.to_dict()
     metadata.update(
         {
@@ -594,8 +674,8 @@ def generate_case(
         vendor: one of :data:`VENDORS`.
         index: 0-based index within ``(vendor, part)``; with the seed it fixes the
             subject's random stream.
-        pathology: ``NOR``, an ACDC group or an M&Ms code.
-        part: ``"acdc"`` (Siemens only) or ``"mnms"``.
+        pathology: ``NOR``, an ACDC group, an M&Ms-1 or an M&Ms-2 code.
+        part: ``"acdc"`` (Siemens only), ``"mnms"`` or ``"mnms2"`` (no Canon).
         with_cine: generate the whole cine (default: ``config.cine_frames is not None``).
 
     Returns:
@@ -606,14 +686,17 @@ def generate_case(
     """
     if vendor not in VENDORS:
         raise ConfigError(f"unknown vendor {vendor!r}; use one of {VENDORS}")
-    if (vendor, part) not in CLIENT_PARTS:
+    if part == "mnms2" and vendor not in MNMS2_VENDORS:
+        has = ", ".join(MNMS2_VENDORS)
+        raise ConfigError(f"no part 'mnms2' for vendor {vendor}; M&Ms-2 has {has}")
+    if part != "mnms2" and (vendor, part) not in CLIENT_PARTS:
         raise ConfigError(f"no part {part!r} for vendor {vendor}; ACDC is Siemens only")
     if pathology not in PATHOLOGY_TO_PHENOTYPE:
         raise ConfigError(
             f"unknown pathology {pathology!r}; use one of {sorted(PATHOLOGY_TO_PHENOTYPE)}"
         )
     spec = SubjectSpec(vendor, part, int(index), pathology)
-    seq = _seed_seq(config.seed, VENDORS.index(vendor), _PARTS.index(part), index)
+    seq = _seed_seq(config.seed, VENDORS.index(vendor), _ALL_PARTS.index(part), index)
     if with_cine is None:
         with_cine = config.cine_frames is not None
     return _generate(spec, config, seq, bool(with_cine))
@@ -632,9 +715,9 @@ def generate_cohort(
     Args:
         config: the data set config.
         with_cine: generate whole cines (default: ``config.cine_frames is not None``).
-        parts: which client parts to generate (``"acdc"``, ``"mnms"``).
+        parts: which client parts to generate (``"acdc"``, ``"mnms"``, ``"mnms2"``).
     """
-    plan = cohort_plan(config)
+    plan = cohort_plan(config, parts)
     sizes: dict[tuple[str, str], int] = {}
     for spec in plan:
         sizes[(spec.vendor, spec.part)] = sizes.get((spec.vendor, spec.part), 0) + 1
@@ -758,8 +841,9 @@ def _prepared_record(spec: SubjectSpec, config: SynthConfig):
     image, seg = _preprocess(case, config)
     return PreparedRecord(
         subject_id=case.subject_id,
-        # "synthetic-acdc" / "synthetic-mnms": which real data set the subject mimics,
-        # so that "ACDC as its own client" works on synthetic data too.
+        # "synthetic-acdc" / "synthetic-mnms" (/ "synthetic-mnms2"): which real data
+        # set the subject mimics, so that "ACDC as its own client" works on synthetic
+        # data too.
         dataset=f"synthetic-{spec.part}",
         vendor=case.vendor,
         centre=case.centre,
@@ -770,8 +854,26 @@ def _prepared_record(spec: SubjectSpec, config: SynthConfig):
     )
 
 
-def _prepared_records(config: SynthConfig, workers: int) -> Iterator:
-    plan = cohort_plan(config)
+def prepared_records(
+    config: SynthConfig, parts: tuple[str, ...] = _PARTS, workers: int = 1
+) -> Iterator:
+    """The generator's own preprocessed subjects of some parts, in plan order.
+
+    What the preprocessed layout writes (``parts=("acdc", "mnms")``), and the reference
+    against which a raw layout that went through ``medlora prepare`` is checked: e.g.
+    ``parts=("mnms2",)`` gives the subjects of the ``mnms2`` layout, the k-th being
+    ``mnms2_{k:03d}`` there.
+
+    Args:
+        config: the data set config.
+        parts: client parts (:func:`cohort_plan`).
+        workers: processes (as :func:`make_synthetic`; same data for any number).
+
+    Yields:
+        :class:`~medlora_lib.data.manifest.PreparedRecord` (``dataset`` is
+        ``"synthetic-<part>"``, ``split`` unset).
+    """
+    plan = cohort_plan(config, parts)
     if workers <= 1:
         for spec in plan:
             yield _prepared_record(spec, config)
@@ -802,7 +904,10 @@ def make_synthetic(
         layout: ``"preprocessed"`` = the prepared folder (``manifest.csv``, arrays,
             ``dataset.json``), ready to train on; ``"acdc"`` = the ACDC-like Siemens part
             in the official ACDC download layout; ``"mnms"`` = the M&Ms-like part (all
-            other subjects) in the official M&Ms-1 layout.
+            other subjects) in the official M&Ms-1 layout; ``"mnms2"`` = the M&Ms-2
+            part (:func:`mnms2_sizes` Siemens, Philips and GE subjects who are in
+            neither of the others, drawn from their own seed streams) in the official
+            M&Ms-2 layout: ``prepare mnms2 --merge`` adds them to their vendors' sites.
         overwrite: replace an existing (different) data set / non-empty raw folder.
         workers: processes generating the preprocessed layout in parallel (the data
             are identical for any number of workers). Worker processes are spawned
@@ -823,7 +928,7 @@ def make_synthetic(
 
         return write_prepared_dataset(
             out_dir,
-            _prepared_records(config, int(workers)),
+            prepared_records(config, workers=int(workers)),
             _dataset_info(config),
             overwrite=overwrite,
             subject_ids=[spec.subject_id for spec in cohort_plan(config)],
@@ -834,8 +939,11 @@ def make_synthetic(
     if layout == "mnms":
         cases = generate_cohort(config, with_cine=True, parts=("mnms",))
         return write_mnms_layout(cases, out_dir, overwrite=overwrite)
+    if layout == "mnms2":
+        cases = generate_cohort(config, with_cine=True, parts=("mnms2",))
+        return write_mnms2_layout(cases, out_dir, overwrite=overwrite)
     raise ConfigError(
-        f"unknown layout {layout!r}; use 'preprocessed', 'acdc' or 'mnms'"
+        f"unknown layout {layout!r}; use 'preprocessed', 'acdc', 'mnms' or 'mnms2'"
     )
 
 

@@ -40,6 +40,10 @@ __all__ = [
     "ACDC_GROUPS",
     "MNMS_DISEASE_MIX",
     "MNMS_CENTRES",
+    "MNMS2_VENDORS",
+    "MNMS2_SUBJECTS",
+    "MNMS2_HEALTHY_SHARE",
+    "MNMS2_DISEASE_MIX",
     "appearance_for",
     "healthy_fraction",
     "disease_mix",
@@ -156,6 +160,23 @@ MNMS_DISEASE_MIX: dict[str, dict[str, float]] = {
     "Canon": {"HCM": .28, "DCM": .30, "HHD": .10, "ARV": .10, "IHD": .10,
               "AHS": .04, "LVNC": .04, "Other": .04},
 }  # fmt: skip
+
+#: The vendors of M&Ms-2 (Martin-Isla et al. 2023): no Canon.
+MNMS2_VENDORS = ("Siemens", "Philips", "GE")
+#: Subjects per vendor of the synthetic M&Ms-2 part at ``scale=1``. M&Ms-2 has 360
+#: subjects from these three vendors; the reference material does not give the split,
+#: so it is taken as even (an assumption, not the real counts).
+MNMS2_SUBJECTS = {"Siemens": 120, "Philips": 120, "GE": 120}
+#: Share of ``NOR`` subjects in every vendor's M&Ms-2 part (a design value: the real
+#: per-vendor prevalence is not in the reference material).
+MNMS2_HEALTHY_SHARE = 0.25
+#: M&Ms-2 disease codes and their shares among the diseased (equal: a design value).
+#: ``LV`` dilated LV, ``RV`` dilated RV, ``HCM``, ``ARR`` (arrhythmogenic), ``FALL``
+#: (tetralogy of Fallot), ``CIA`` (inter-atrial communication), ``TRI`` (tricuspid
+#: regurgitation); their phantom phenotypes are in ``phantom.PATHOLOGY_TO_PHENOTYPE``.
+MNMS2_DISEASE_MIX: dict[str, float] = {
+    c: 1 / 7 for c in ("LV", "RV", "HCM", "ARR", "FALL", "CIA", "TRI")
+}
 
 
 def _mean_appearance() -> VendorAppearance:
