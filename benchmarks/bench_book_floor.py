@@ -37,8 +37,9 @@ What it does, per notebook, in one run:
    floor as measured / floor.
 
 Not counted (the floor is then lower than the real work, the ratio higher): data
-generation (numpy), the late-site joins' local training in chapter 07
-(``join_new_site``), and chapter 08 (differential privacy needs the Flower runtime).
+generation (numpy) and chapter 08 (differential privacy needs the Flower runtime).
+Chapter 07's late-site joins (``join_new_site``) are counted with the federation that
+left the site out.
 """
 
 from __future__ import annotations
@@ -128,14 +129,33 @@ class Counter:
         return int(self.mode.get_total_flops())
 
 
-def count_flops(cfg: ExperimentConfig) -> tuple[int, int]:
-    """(one-time FLOPs, FLOPs of one round) of ``cfg``, from one in-process round."""
+def _rounds(cfg: ExperimentConfig, rounds: int) -> tuple[int, int]:
+    """(build FLOPs, other FLOPs) of ``cfg`` run for ``rounds`` rounds in process; a
+    federation that leaves a site out (chapter 07) is followed by that site's join."""
     from medlora_lib.fl import simulate
+    from medlora_lib.fl.newsite import join_new_site
 
-    one = dataclasses.replace(cfg, fed=dataclasses.replace(cfg.fed, num_rounds=1))
+    run = dataclasses.replace(cfg, fed=dataclasses.replace(cfg.fed, num_rounds=rounds))
     with Counter() as c:
-        simulate(one, use_cache=False, verbose=False, runtime="inprocess")
+        result = simulate(run, use_cache=False, verbose=False, runtime="inprocess")
+        if cfg.fed.exclude:
+            join_new_site(result, cfg.fed.exclude[0])
     return c.build, c.total - c.build
+
+
+def count_flops(cfg: ExperimentConfig) -> tuple[int, int]:
+    """(one-time FLOPs, FLOPs of one round) of ``cfg``, from one in-process round.
+
+    A late-site federation also trains the newcomer's join, which evaluates the global
+    adapter once before its rounds: its one-time part is told apart from its rounds by a
+    second run of two rounds (same prefix, so nothing is built again).
+    """
+    build, one = _rounds(cfg, 1)
+    if not cfg.fed.exclude:
+        return build, one
+    build2, two = _rounds(cfg, 2)
+    per_round = two - one
+    return build + build2 + (one - per_round), per_round
 
 
 def kernel_speed(profile: str, repeats: int) -> tuple[float, float, int]:
