@@ -56,6 +56,7 @@ bench: install
 	$(PY) benchmarks/bench_federation.py
 	$(PY) benchmarks/bench_privacy.py
 	$(PY) benchmarks/bench_memory.py
+	$(PY) benchmarks/bench_inprocess.py
 	$(PY) benchmarks/bench_book_floor.py
 
 # Headless-browser check of the site built by `make book` (not part of book / test):

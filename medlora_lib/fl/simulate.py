@@ -52,6 +52,7 @@ __all__ = [
     "simulate",
     "plan",
     "run_inprocess",
+    "inprocess_workers",
     "build_result",
     "cache_path",
     "select_rounds",
@@ -240,6 +241,70 @@ def _run_flower(
         )
 
 
+def inprocess_workers(planned: list[Planned], max_parallel: int | None = None) -> int:
+    """How many processes run ``planned`` (all in-process experiments) at once.
+
+    Chapters ``02_single_site_baseline`` and ``03_fedavg_lora``: their ``local`` and
+    ``centralized`` runs would otherwise use one core of the two while the other idles.
+    More than one only for several ``cpu``-profile experiments on a CPU device: a worker
+    process costs a few seconds to start (torch and the library imported), more than a
+    ``smoke`` run lasts, and on a GPU (the ``paper`` profile) one process already keeps
+    the device busy and a second would double the host memory. ``max_parallel`` caps it
+    (1 = one after the other, in this process).
+    """
+    from medlora_lib.train import resolve_device
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    limit = min(len(planned), cores, max_parallel or cores)
+    if limit < 2:
+        return 1
+    if any(
+        p.cfg.profile != "cpu" or resolve_device(p.cfg.train.device).type != "cpu"
+        for p in planned
+    ):
+        return 1
+    return limit
+
+
+def _inprocess_child(p: Planned) -> str:
+    """Worker of :func:`_run_inprocess_all`: run one experiment, save it to its folder."""
+    run_inprocess(p).save(p.run_dir)
+    return str(p.run_dir)
+
+
+def _run_inprocess_all(
+    todo: list[tuple[int, Planned]],
+    save: bool,
+    verbose: bool,
+    max_parallel: int | None,
+) -> dict[int, RunResult]:
+    """Run the in-process experiments, in this process or in a pool of worker processes
+    (:func:`inprocess_workers`); the same numbers either way (each run seeds itself and
+    sets its own thread count). A worker saves its result to the run folder (the cache
+    entry, or a scratch folder) and this process reads it back. Ctrl-C or an error
+    stops every worker."""
+    workers = inprocess_workers([p for _, p in todo], max_parallel)
+    out: dict[int, RunResult] = {}
+    if workers <= 1:
+        for i, p in todo:
+            res = run_inprocess(p, verbose)
+            if save:
+                res.save(p.run_dir)
+            out[i] = res
+        return out
+    import multiprocessing as mp
+
+    if verbose:
+        print(f"[simulate] {len(todo)} in-process runs in {workers} worker processes")
+    with mp.get_context("spawn").Pool(workers) as pool:  # terminated on any exit
+        done = pool.map(_inprocess_child, [p for _, p in todo], chunksize=1)
+    for (i, p), folder in zip(todo, done, strict=True):
+        out[i] = RunResult.load(folder)
+        if verbose:
+            print(f"[{p.label}] done: {folder}")
+    return out
+
+
 def simulate(
     config: ExperimentConfig | list[ExperimentConfig],
     *,
@@ -264,7 +329,9 @@ def simulate(
             benchmarks and cross-checks).
         app_dir: another Flower App folder (tests: a ClientApp that fails on purpose);
             default the project.
-        max_parallel: at most this many sites train at once (default: one per CPU).
+        max_parallel: at most this many sites train at once (default: one per CPU);
+            for the in-process runs, at most this many worker processes
+            (:func:`inprocess_workers`; 1 = in this process).
 
     Returns:
         A :class:`RunResult`, or a list of them (same order) when given a list.
@@ -295,6 +362,7 @@ def simulate(
         planned = plan(configs, use_cache and not record_messages, scratch)
         results: dict[int, RunResult] = {}
         flower: list[tuple[int, Planned]] = []
+        inproc: list[tuple[int, Planned]] = []
         for i, p in enumerate(planned):
             if (
                 use_cache
@@ -307,10 +375,12 @@ def simulate(
             elif p.cfg.method in FEDERATED_METHODS and runtime == "flower":
                 flower.append((i, p))
             else:
-                res = run_inprocess(p, verbose)
-                if use_cache and not record_messages:
-                    res.save(p.run_dir)
-                results[i] = res
+                inproc.append((i, p))
+        results.update(
+            _run_inprocess_all(
+                inproc, use_cache and not record_messages, verbose, max_parallel
+            )
+        )
         for k in sorted({len(p.sites) for _, p in flower}):
             group = [p for _, p in flower if len(p.sites) == k]
             _run_flower(
