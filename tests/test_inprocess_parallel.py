@@ -71,3 +71,20 @@ def _scratch():
     from pathlib import Path
 
     return Path(tempfile.mkdtemp(prefix="medlora-test-"))
+
+
+@pytest.mark.slow
+def test_an_error_in_a_worker_is_raised_here(tmp_path):
+    """A worker's exception comes back with its type and message."""
+    import dataclasses
+
+    from medlora_lib.errors import MedloraError
+    from medlora_lib.fl.simulate import _run_inprocess_all
+
+    planned = plan(_configs()[:2], use_cache=False, scratch=tmp_path)
+    if inprocess_workers(planned) < 2:
+        pytest.skip("one CPU: nothing runs in parallel")
+    gone = tmp_path / "no-such-data"
+    broken = [(0, planned[0]), (1, dataclasses.replace(planned[1], data_dir=gone))]
+    with pytest.raises(MedloraError, match="no-such-data"):
+        _run_inprocess_all(broken, save=False, verbose=False, max_parallel=None)

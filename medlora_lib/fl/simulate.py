@@ -11,7 +11,8 @@ Chapters ``notebooks/02_single_site_baseline``, ``03_fedavg_lora`` and ``04_med_
 * ``local`` (each site alone) and ``centralized`` (pooled data; a reference) run
   in-process — no server, nothing to send — through the same round loop
   (:func:`medlora_lib.fl.federation.run_rounds`), the same rounds × local epochs, the
-  same evaluation and selection.
+  same evaluation and selection. Several of them at the ``cpu`` profile run in worker
+  processes, one per core (:func:`inprocess_workers`), with the same numbers.
 
 With ``use_cache=True`` every experiment's run folder is its cache entry
 (:func:`medlora_lib.fl.runcache.cache_path`): a finished result is read back, an
@@ -266,12 +267,6 @@ def inprocess_workers(planned: list[Planned], max_parallel: int | None = None) -
     return limit
 
 
-def _inprocess_child(p: Planned) -> str:
-    """Worker of :func:`_run_inprocess_all`: run one experiment, save it to its folder."""
-    run_inprocess(p).save(p.run_dir)
-    return str(p.run_dir)
-
-
 def _run_inprocess_all(
     todo: list[tuple[int, Planned]],
     save: bool,
@@ -279,10 +274,11 @@ def _run_inprocess_all(
     max_parallel: int | None,
 ) -> dict[int, RunResult]:
     """Run the in-process experiments, in this process or in a pool of worker processes
-    (:func:`inprocess_workers`); the same numbers either way (each run seeds itself and
-    sets its own thread count). A worker saves its result to the run folder (the cache
-    entry, or a scratch folder) and this process reads it back. Ctrl-C or an error
-    stops every worker."""
+    (:func:`inprocess_workers`, :mod:`medlora_lib.fl.inprocess_worker`); the same numbers
+    either way (each run seeds itself and sets its own thread count). A worker saves its
+    results to their run folders (the cache entry, or a scratch folder) and this process
+    reads them back; a run's error is raised here again. Ctrl-C or an error stops every
+    worker."""
     workers = inprocess_workers([p for _, p in todo], max_parallel)
     out: dict[int, RunResult] = {}
     if workers <= 1:
@@ -292,12 +288,49 @@ def _run_inprocess_all(
                 res.save(p.run_dir)
             out[i] = res
         return out
-    import multiprocessing as mp
+    import pickle
+    import subprocess
+    import sys
+
+    from medlora_lib.config import default_cache_dir
 
     if verbose:
         print(f"[simulate] {len(todo)} in-process runs in {workers} worker processes")
-    with mp.get_context("spawn").Pool(workers) as pool:  # terminated on any exit
-        done = pool.map(_inprocess_child, [p for _, p in todo], chunksize=1)
+    jobs = Path(tempfile.mkdtemp(prefix="medlora-inprocess-", dir=default_cache_dir()))
+    # the workers import this very library, installed or not (a script's sys.path)
+    here = str(Path(__file__).resolve().parents[2])
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [here, *filter(None, [os.environ.get("PYTHONPATH")])]
+        ),
+    }
+    procs: list[tuple[Path, subprocess.Popen]] = []
+    try:
+        for k in range(workers):  # round robin: experiments of one kind cost alike
+            job = jobs / f"worker-{k}.pkl"
+            job.write_bytes(pickle.dumps([p for _, p in todo[k::workers]]))
+            cmd = [sys.executable, "-m", "medlora_lib.fl.inprocess_worker", str(job)]
+            procs.append((job, subprocess.Popen(cmd, env=env)))
+        for job, proc in procs:
+            if proc.wait() != 0:
+                err = job.with_suffix(".err")
+                if err.exists():
+                    raise pickle.loads(err.read_bytes())
+                raise RuntimeError(
+                    f"simulate: an in-process worker exited with {proc.returncode} "
+                    "(its output is above); run again with max_parallel=1 to run in "
+                    "this process"
+                )
+    except BaseException:  # an error in a run, or Ctrl-C: stop every worker now
+        for _, proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        raise
+    finally:
+        shutil.rmtree(jobs, ignore_errors=True)
+    done = [str(p.run_dir) for _, p in todo]
     for (i, p), folder in zip(todo, done, strict=True):
         out[i] = RunResult.load(folder)
         if verbose:
