@@ -13,8 +13,9 @@ What it does, per notebook, in one run:
 
 1. **The experiments the notebook trains**, from the very functions the notebook calls
    (``medlora_lib.experiments``: the main comparison, the capacity controls, the
-   ablation, the shift sweep and the late-site federations) with the notebook's
-   parameters; an experiment an earlier notebook already ran is not counted again (the
+   ablation, the shift sweep and the late-site federations) with the parameters the
+   book runs it with (its ``parameters`` cell, and what ``medlora book --profile``
+   passes); an experiment an earlier notebook already ran is not counted again (the
    book reads it from the run cache).
 2. **FLOPs** with ``torch.utils.flop_counter.FlopCounterMode``: each experiment runs
    in process (``simulate(..., runtime="inprocess")``, the same round code as the Flower
@@ -64,26 +65,47 @@ if str(ROOT) not in sys.path:
 from medlora_lib import experiments as ex  # noqa: E402
 from medlora_lib.config import ExperimentConfig, config_hash, get_config  # noqa: E402
 
-#: The notebooks' own parameters (their `parameters` cells at the cpu profile).
-NOTEBOOK_SEEDS = {"03": [0, 1, 2, 3, 4], "04": [0, 1, 2, 3, 4], "05": [0, 1, 2]}
-NOTEBOOK_SEEDS["07"] = [0, 1, 2]
-ROUNDS = 20
-NEWCOMERS = ("Siemens", "Philips", "GE", "Canon")
+
+def book_parameters(stem: str, profile: str) -> dict[str, Any]:
+    """What the book runs notebook ``stem`` with at ``profile``: its ``parameters``
+    cell, overridden by what ``medlora book --profile`` passes."""
+    from medlora_lib.bookrun import notebook_parameters, parameter_defaults
+
+    nb = next((ROOT / "notebooks").glob(f"{stem}_*.ipynb"))
+    return {**parameter_defaults(nb), **notebook_parameters(nb, profile)}
 
 
-def notebook_configs(profile: str, rounds: int) -> dict[str, list[ExperimentConfig]]:
-    """The experiments each training notebook runs, in book order (before dedup)."""
-    ov = {"fed.num_rounds": rounds}
-    s3, s4, s5, s7 = (NOTEBOOK_SEEDS[k] for k in ("03", "04", "05", "07"))
-    controls = ex.capacity_control_configs(profile, s4, ov)
-    held_out, refs = ex.new_site_join_configs(profile, NEWCOMERS, s7, ov)
+def notebook_configs(profile: str) -> dict[str, list[ExperimentConfig]]:
+    """The experiments each training notebook runs, in book order (before dedup), from
+    its own parameters and the experiments functions it calls."""
+    p3, p4, p5, p7 = (book_parameters(k, profile) for k in ("03", "04", "05", "07"))
+
+    def rounds(p: dict[str, Any]) -> dict[str, Any]:
+        return {"fed.num_rounds": p["num_rounds"]}
+
+    controls = ex.capacity_control_configs(profile, p4["seeds"], rounds(p4))
+    sweep = (
+        ex.shift_sweep_configs(
+            profile, p7["seeds"], p7["sweep_methods"], overrides=rounds(p7)
+        )
+        if p7["run_sweep"]
+        else []
+    )
+    held_out, refs = ex.new_site_join_configs(
+        profile, p7["newcomers"], p7["seeds"], rounds(p7)
+    )
     return {
-        "03": ex.comparison_configs(profile, ex.ALL_METHODS, s3, ov),
+        "03": ex.comparison_configs(profile, ex.ALL_METHODS, p3["seeds"], rounds(p3)),
         "04": [c for group in controls.values() for c in group],
-        "05": ex.ablation_configs(profile, "med_dual_lora", s5, overrides=ov)[1],
-        "07": [c for _, c in ex.shift_sweep_configs(profile, s7, overrides=ov)]
-        + held_out
-        + refs,
+        "05": ex.ablation_configs(
+            profile,
+            p5["method"],
+            p5["seeds"],
+            p5["block_choices"],
+            p5["rank_choices"],
+            rounds(p5),
+        )[1],
+        "07": [c for _, c in sweep] + held_out + refs,
     }
 
 
@@ -229,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{speed / 1e9:.1f} GFLOP/s; floor uses {cores} cores"
     )
 
-    per_nb = notebook_configs(args.profile, ROUNDS)
+    per_nb = notebook_configs(args.profile)
     seen: set[str] = set()
     measured = find_timings(args.timings, args.profile)
     counted: dict[str, tuple[int, int]] = {}
@@ -247,16 +269,14 @@ def main(argv: list[str] | None = None) -> int:
         groups: dict[str, list[ExperimentConfig]] = defaultdict(list)
         for c in new:
             groups[config_hash(c) if args.all_seeds else _group_key(c)].append(c)
-        once = per_round = 0
+        flops = 0
         t0 = time.perf_counter()
         for key, members in groups.items():
             if key not in counted:
                 counted[key] = count_flops(members[0])
             b, r = counted[key]
             # each replicate's split has its own frozen prefix, built once per process
-            once += b * len(members)
-            per_round += r * len(members)
-        flops = once + per_round * ROUNDS
+            flops += (b + r * members[0].fed.num_rounds) * len(members)
         floor = flops / (speed * cores)
         meas = measured.get(nb)
         rows.append((nb, len(new), flops, floor, meas))

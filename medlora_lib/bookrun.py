@@ -88,22 +88,46 @@ PROFILE_PARAMETERS: dict[str, tuple[str, str]] = {
 }
 
 
-def parameter_names(notebook: Path) -> list[str]:
-    """The names assigned in ``notebook``'s cell tagged ``parameters``."""
+def _parameters_cell(notebook: Path) -> list:
+    """The statements of ``notebook``'s cell tagged ``parameters`` ([] if none)."""
     import ast
 
     nb = json.loads(Path(notebook).read_text())
     for cell in nb["cells"]:
         if "parameters" in cell.get("metadata", {}).get("tags", []):
-            tree = ast.parse("".join(cell["source"]))
-            return [
-                t.id
-                for node in tree.body
-                if isinstance(node, ast.Assign)
-                for t in node.targets
-                if isinstance(t, ast.Name)
-            ]
+            return ast.parse("".join(cell["source"])).body
     return []
+
+
+def parameter_names(notebook: Path) -> list[str]:
+    """The names assigned in ``notebook``'s cell tagged ``parameters``."""
+    import ast
+
+    return [
+        t.id
+        for node in _parameters_cell(notebook)
+        if isinstance(node, ast.Assign)
+        for t in node.targets
+        if isinstance(t, ast.Name)
+    ]
+
+
+def parameter_defaults(notebook: Path) -> dict[str, Any]:
+    """The values ``notebook``'s ``parameters`` cell assigns (literals: the ``cpu``
+    profile's run; tests and ``benchmarks/bench_book_floor.py`` read them here).
+
+    Raises:
+        ValueError: a value that is not a literal.
+    """
+    import ast
+
+    return {
+        t.id: ast.literal_eval(node.value)
+        for node in _parameters_cell(notebook)
+        if isinstance(node, ast.Assign)
+        for t in node.targets
+        if isinstance(t, ast.Name)
+    }
 
 
 def notebook_parameters(notebook: Path, profile: str) -> dict[str, Any]:

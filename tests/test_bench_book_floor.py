@@ -1,12 +1,10 @@
-"""``benchmarks/bench_book_floor.py``: its counting rule and its copy of the notebooks'
-parameters (so the floor it prints is that of the book as it is)."""
+"""``benchmarks/bench_book_floor.py``: the runs it counts (the book's, from the
+notebooks' own parameters) and its counting rule."""
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import importlib.util
-import json
 from pathlib import Path
 
 import pytest
@@ -27,35 +25,19 @@ def bench():
     return mod
 
 
-def _parameters(stem: str) -> dict:
-    nb = json.loads(next((ROOT / "notebooks").glob(f"{stem}_*.ipynb")).read_text())
-    cell = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
-    out = {}
-    for node in ast.parse("".join(cell["source"])).body:
-        if isinstance(node, ast.Assign):
-            out[node.targets[0].id] = ast.literal_eval(node.value)
-    return out
-
-
-def test_the_benchmark_uses_the_notebooks_parameters(bench):
-    for stem in ("03", "04", "05", "07"):
-        p = _parameters(stem)
-        assert p["seeds"] == bench.NOTEBOOK_SEEDS[stem], stem
-        assert p["num_rounds"] == bench.ROUNDS, stem
-    p5 = _parameters("05")
-    assert p5["method"] == "med_dual_lora"
-    assert tuple(p5["block_choices"]) == ex.ABLATION_BLOCKS
-    assert tuple(p5["rank_choices"]) == ex.ABLATION_RANKS
-    assert tuple(_parameters("07")["newcomers"]) == bench.NEWCOMERS
-
-
 def test_the_notebooks_runs(bench):
-    per = bench.notebook_configs("smoke", 20)
+    """What the book trains, from the notebooks' own parameters (cpu profile)."""
+    per = bench.notebook_configs("cpu")
     assert len(per["03"]) == len(ex.ALL_METHODS) * 5
+    assert len(per["04"]) == 2 * 5  # two capacity controls x 5 seeds
     assert len(per["05"]) == 7 * 3
-    # chapter 07: 2 new shift settings x 3 methods x 3 seeds, 4 x 3 held-out
+    # chapter 07: 3 shift settings x 3 methods x 3 seeds, 4 x 3 held-out
     # federations, and 2 x 3 references (read back from chapter 03)
     assert len(per["07"]) == 3 * 3 * 3 + 12 + 6
+    assert {c.fed.num_rounds for cfgs in per.values() for c in cfgs} == {20}
+    # at smoke, what medlora book --profile smoke passes (notebooks/smoke_parameters.yaml)
+    smoke = bench.notebook_configs("smoke")
+    assert {c.profile for cfgs in smoke.values() for c in cfgs} == {"smoke"}
 
 
 @pytest.mark.slow

@@ -6,8 +6,9 @@ Each notebook's first code cell (id ``colab-install``, written by
 code in a fresh venv (with ``google.colab`` importable, and the clone pointed at a git
 copy of this working tree instead of GitHub), then executes chapter 2 at ``smoke`` in
 a kernel of that venv: a module the notebooks or the library import that
-``pip install .`` does not install fails it. The fast test checks every notebook's
-imports against ``[project] dependencies`` statically.
+``pip install .`` does not install fails it. (The static check of every notebook's imports
+against ``pyproject.toml`` is ``tests/test_colab_links.py``, through
+``bookrun.notebook_extras``.)
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import tomllib
-from importlib.metadata import packages_distributions
 from pathlib import Path
 
 import pytest
@@ -30,15 +29,10 @@ import yaml
 from medlora_lib import bookrun
 
 ROOT = bookrun.REPO_ROOT
-NOTEBOOKS = bookrun.list_notebooks()
 NOTEBOOK = ROOT / "notebooks" / "02_single_site_baseline.ipynb"
 TORCH_SPEC = "torch==2.13.0"  # the local CPU wheel (Makefile's TORCH_SPEC)
 KERNEL = "medlora-colab-test"
 GIT_ID = ["-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
-
-
-def _norm(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def _install_cell(nb_path: Path) -> str:
@@ -46,12 +40,6 @@ def _install_cell(nb_path: Path) -> str:
     (cell,) = [c for c in cells if c.get("id") == bookrun.INSTALL_CELL_ID]
     assert cell["cell_type"] == "code"
     return "".join(cell["source"])
-
-
-def _cell_extras(source: str) -> list[str]:
-    """The extras the cell's ``pip install`` names (``f"{CLONE_DIR}[a,b]"``)."""
-    match = re.search(r'f"\{CLONE_DIR\}\[([\w,]+)\]"', source)
-    return match.group(1).split(",") if match else []
 
 
 def _assigned(source: str, name: str) -> str:
@@ -105,58 +93,6 @@ def _base_python() -> str:
             if key.strip() == "executable" and Path(value.strip()).exists():
                 return value.strip()
     return sys._base_executable
-
-
-# ----------------------------------------------------------------- static, fast
-@pytest.mark.parametrize("nb_path", NOTEBOOKS, ids=[nb.stem for nb in NOTEBOOKS])
-def test_every_import_is_installed_by_the_install_cell(nb_path):
-    """stdlib, ``medlora_lib``, the kernel (IPython), Colab's own modules, or a
-    distribution that ``pip install CLONE_DIR[extras]`` installs directly."""
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    extras = _cell_extras(_install_cell(nb_path))
-    requirements = list(project["dependencies"])
-    for extra in extras:
-        requirements += project["optional-dependencies"][extra]
-    declared = {_norm(re.match(r"[A-Za-z0-9._-]+", r).group(0)) for r in requirements}
-    declared |= bookrun.KERNEL_DISTRIBUTIONS  # the kernel runs the notebook
-    owners = packages_distributions()
-    nb = json.loads(nb_path.read_text())
-    missing = []
-    for module in sorted(bookrun.notebook_imports(nb)):
-        top = module.split(".")[0]
-        if top in sys.stdlib_module_names or top == "medlora_lib":
-            continue
-        if module.startswith(bookrun.COLAB_MODULES):
-            continue
-        dists = {_norm(d) for d in owners.get(top, [])}
-        if not dists & declared:
-            missing.append(f"{module} ({', '.join(sorted(dists)) or 'not installed'})")
-    assert not missing, (
-        f"{nb_path.name} imports {missing}, which `pip install .` "
-        f"{'[' + ','.join(extras) + '] ' if extras else ''}does not install: declare "
-        "it in pyproject.toml [project] dependencies (or drop the import)"
-    )
-
-
-def test_the_static_check_sees_a_missing_dependency(monkeypatch, tmp_path):
-    nb = {
-        "cells": [
-            {
-                "cell_type": "code",
-                "id": "x",
-                "metadata": {},
-                "source": ["from myst_nb import glue\nimport pandas\n"],
-            }
-        ]
-    }
-    fake = tmp_path / "notebooks" / "99_fake.ipynb"
-    fake.parent.mkdir()
-    fake.write_text(json.dumps(nb))
-    owners = {"myst_nb": ["myst-nb"], "pandas": ["pandas"]}
-    monkeypatch.setitem(globals(), "packages_distributions", lambda: owners)
-    monkeypatch.setitem(globals(), "_install_cell", lambda p: 'pip = ["-q", CLONE_DIR]')
-    with pytest.raises(AssertionError, match=r"myst_nb \(myst-nb\)"):
-        test_every_import_is_installed_by_the_install_cell(fake)
 
 
 # ----------------------------------------------------------------- the real thing

@@ -7,6 +7,8 @@ experiments at the ``cpu`` profile; ``simulate`` spreads them over the cores
 
 from __future__ import annotations
 
+import os
+
 import pandas as pd
 import pytest
 import torch
@@ -39,8 +41,6 @@ def test_the_worker_rule(tmp_path):
         use_cache=False,
         scratch=tmp_path,
     )
-    import os
-
     cores = len(os.sched_getaffinity(0))
     assert inprocess_workers(cpu) == min(3, cores)
     assert inprocess_workers(cpu, max_parallel=1) == 1
@@ -49,8 +49,8 @@ def test_the_worker_rule(tmp_path):
 
 
 @pytest.mark.slow
-def test_workers_give_the_numbers_of_one_process():
-    if inprocess_workers(plan(_configs(), False, _scratch())) < 2:
+def test_workers_give_the_numbers_of_one_process(tmp_path):
+    if inprocess_workers(plan(_configs(), False, tmp_path)) < 2:
         pytest.skip("one CPU: nothing runs in parallel")
     one = simulate(_configs(), runtime="inprocess", max_parallel=1, verbose=False)
     many = simulate(_configs(), runtime="inprocess", verbose=False)
@@ -64,13 +64,6 @@ def test_workers_give_the_numbers_of_one_process():
             assert a.final_shared.keys() == b.final_shared.keys()
             for k in a.final_shared:
                 assert torch.equal(a.final_shared[k], b.final_shared[k]), k
-
-
-def _scratch():
-    import tempfile
-    from pathlib import Path
-
-    return Path(tempfile.mkdtemp(prefix="medlora-test-"))
 
 
 @pytest.mark.slow

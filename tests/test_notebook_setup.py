@@ -75,14 +75,8 @@ def test_the_parameters_cells_hold_the_cpu_profile_and_paper_passes_its_own():
 
 
 def _parameters_cell_values(nb) -> dict:
-    import ast
-    import json
+    from medlora_lib.bookrun import parameter_defaults
 
-    for cell in json.loads(nb.read_text())["cells"]:
-        if "parameters" in cell.get("metadata", {}).get("tags", []):
-            out = {}
-            for node in ast.parse("".join(cell["source"])).body:
-                if isinstance(node, ast.Assign):
-                    out[node.targets[0].id] = ast.literal_eval(node.value)
-            return out
-    raise AssertionError(f"{nb.name} has no parameters cell")
+    values = parameter_defaults(nb)
+    assert values, f"{nb.name} has no parameters cell"
+    return values

@@ -34,7 +34,8 @@ from __future__ import annotations
 import itertools
 import shutil
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -123,7 +124,14 @@ def _require_cine(case: RawCase) -> None:
         )
 
 
-def _start(raw_dir: Path, top: str, overwrite: bool) -> tuple[Path, Path]:
+@contextmanager
+def _staged(raw_dir: Path, top: str, overwrite: bool) -> Iterator[Path]:
+    """A hidden staging folder beside ``raw_dir/top``: renamed to it when the block
+    ends, removed (nothing left behind) when it raises.
+
+    Raises:
+        DataError: ``raw_dir/top`` exists and ``overwrite`` is False.
+    """
     raw_dir = Path(raw_dir).absolute()
     final = raw_dir / top
     if final.exists() and not overwrite:
@@ -134,10 +142,11 @@ def _start(raw_dir: Path, top: str, overwrite: bool) -> tuple[Path, Path]:
     raw_dir.mkdir(parents=True, exist_ok=True)
     tmp = raw_dir / f".{top}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
-    return final, tmp
-
-
-def _finish(final: Path, tmp: Path) -> None:
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -160,8 +169,7 @@ def write_acdc_layout(
         DataError: a case has no cine, or ``database/`` exists and ``overwrite`` is False.
     """
     raw_dir = Path(raw_dir)
-    final, tmp = _start(raw_dir, "database", overwrite)
-    try:
+    with _staged(raw_dir, "database", overwrite) as tmp:
         for number, case in enumerate(cases, start=1):
             _require_cine(case)
             split = "training" if number <= _ACDC_TRAINING else "testing"
@@ -190,10 +198,6 @@ def write_acdc_layout(
                 nib.save(_nifti(frame, case, np.int16, False), f"{stem}.nii.gz")
                 gt = ACDC_FROM_MEDLORA[seg]
                 nib.save(_nifti(gt, case, np.uint8, False), f"{stem}_gt.nii.gz")
-        _finish(final, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return raw_dir
 
 
@@ -243,9 +247,8 @@ def write_mnms_layout(
         sizes = {}
         for case in stream:
             sizes[case.vendor] = sizes.get(case.vendor, 0) + 1
-    final, tmp = _start(raw_dir, "OpenDataset", overwrite)
     rows, seen, position = [], set(), {}
-    try:
+    with _staged(raw_dir, "OpenDataset", overwrite) as tmp:
         for case in stream:
             _require_cine(case)
             code = str(case.metadata.get("mnms_code") or case.subject_id[-6:]).upper()
@@ -290,10 +293,6 @@ def write_mnms_layout(
             )
         df = pd.DataFrame(rows, columns=list(MNMS_CSV_COLUMNS))
         df.to_csv(tmp / MNMS_CSV_NAME, index=True)
-        _finish(final, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return raw_dir
 
 
@@ -342,9 +341,8 @@ def write_mnms2_layout(
             left behind.
     """
     raw_dir = Path(raw_dir)
-    final, tmp = _start(raw_dir, "MnM2", overwrite)
     rows = []
-    try:
+    with _staged(raw_dir, "MnM2", overwrite) as tmp:
         for number, case in enumerate(cases, start=1):
             _require_cine(case)
             disease = _mnms2_disease(case)
@@ -376,8 +374,4 @@ def write_mnms2_layout(
             )
         df = pd.DataFrame(rows, columns=list(MNMS2_CSV_COLUMNS))
         df.to_csv(tmp / MNMS2_CSV_NAME, index=False)
-        _finish(final, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return raw_dir

@@ -330,11 +330,10 @@ def _run_inprocess_all(
         raise
     finally:
         shutil.rmtree(jobs, ignore_errors=True)
-    done = [str(p.run_dir) for _, p in todo]
-    for (i, p), folder in zip(todo, done, strict=True):
-        out[i] = RunResult.load(folder)
+    for i, p in todo:
+        out[i] = RunResult.load(p.run_dir)
         if verbose:
-            print(f"[{p.label}] done: {folder}")
+            print(f"[{p.label}] done: {p.run_dir}")
     return out
 
 
