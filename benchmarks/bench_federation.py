@@ -8,7 +8,8 @@ Side by side in one run (chapter ``notebooks/06_communication_analysis``):
    SuperLink, Ray);
    both wall times and ``share = 1 - plain / flower``. The simulation runs twice: as
    users run it (one client per CPU at a time) and with one client at a time like the
-   plain loop — the like-for-like orchestration share. Its time is given with and
+   plain loop — the like-for-like orchestration share — and a third time with Flower's
+   own 100 ms LinkState sweep instead of ``fl/flower_poll``'s on-arrival one. Its time is given with and
    without its one-off start-up (Ray + actors), which several experiments in one call
    amortise.
 2. **Seconds per round and peak memory per method** — each method in its own fresh
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import resource
 import sys
 import time
@@ -128,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     # 1b + 2b + 3: the federated methods through Flower, all in ONE simulation
     sim_df = pd.DataFrame()
     flower_total = 0.0
-    flower_seq_total = flower_seq_exp = float("nan")
+    flower_seq_total = flower_seq_exp = flower_sweep_exp = float("nan")
+    sweeps = sweeps_off = set()
     if fed:
         cfgs = [_config(profile, m, rounds, extra) for m in fed]
         t0 = time.perf_counter()
@@ -169,6 +172,17 @@ def main(argv: list[str] | None = None) -> int:
         seq = simulate(cfgs, verbose=False, max_parallel=1)
         flower_seq_total = time.perf_counter() - t0
         flower_seq_exp = float(sum(r.seconds for r in seq))
+        sweeps = {r.provenance.get("flower_sweep", "?") for r in seq}
+
+        # 1d: the same again with Flower's own 100 ms LinkState sweep (fl/flower_poll
+        # off), so the sweep's cost is printed beside it from the same run
+        os.environ["MEDLORA_FLOWER_POLL"] = "flower"
+        try:
+            seq_flower = simulate(cfgs, verbose=False, max_parallel=1)
+        finally:
+            os.environ.pop("MEDLORA_FLOWER_POLL", None)
+        flower_sweep_exp = float(sum(r.seconds for r in seq_flower))
+        sweeps_off = {r.provenance.get("flower_sweep", "?") for r in seq_flower}
 
     table = plain_df.join(sim_df, how="left")
     for m in methods:
@@ -196,7 +210,12 @@ def main(argv: list[str] | None = None) -> int:
             f"simulate() {flower_seq_total:.1f} s incl. Ray start-up, "
             f"{flower_seq_exp:.1f} s excl.; orchestration share = "
             f"{1 - plain_fed / flower_seq_total:.0%} (incl.), "
-            f"{1 - plain_fed / flower_seq_exp:.0%} (excl.)"
+            f"{1 - plain_fed / flower_seq_exp:.0%} (excl.) [sweep: {', '.join(sweeps)}]"
+        )
+        print(
+            f"  the same with Flower's own 100 ms LinkState sweep: {flower_sweep_exp:.1f} s "
+            f"excl.; orchestration share = {1 - plain_fed / flower_sweep_exp:.0%} "
+            f"(excl.) [sweep: {', '.join(sweeps_off)}]"
         )
         steady_plain = float(plain_df.loc[fed, "plain_s_per_round"].mean())
         steady_flower = float(sim_df["flower_s_per_round"].mean())
@@ -231,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                     "flower_total_s": flower_total,
                     "plain_federated_total_s": plain_fed,
                     "flower_one_client_at_a_time_total_s": flower_seq_total,
+                    "flower_one_client_at_a_time_excl_s": flower_seq_exp,
+                    "flower_own_sweep_one_client_at_a_time_excl_s": flower_sweep_exp,
                 },
                 indent=2,
             )

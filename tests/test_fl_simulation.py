@@ -86,6 +86,8 @@ def test_every_federated_method_runs_and_reports(runs):
     for r, cfg in zip(results, configs, strict=True):
         assert r.method == cfg.method and r.config == cfg
         assert r.provenance["runtime"] == "flower-simulation"
+        # the messages went through medlora's on-arrival LinkState sweep (fl/flower_poll)
+        assert r.provenance["flower_sweep"] == "on-arrival"
         assert list(r.rounds["client"].unique()) == [
             "Siemens",
             "Philips",

@@ -31,10 +31,16 @@ from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from medlora_lib.errors import ConfigError
+from medlora_lib.fl import flower_poll
 from medlora_lib.fl.federation import FederationError, RoundOutcome, SiteReply
 from medlora_lib.fl.strategies import PREV_EVAL_PREFIX, MedloraFedAvg
 
 __all__ = ["app", "GridSites", "run_experiment"]
+
+# In the Simulation Runtime this module is imported in the ``flwr-simulation`` process
+# while Ray starts, before Flower's LinkState sweep thread: hand messages over on arrival
+# instead of at Flower's next 100 ms sweep (``fl/flower_poll.py``).
+flower_poll.install()
 
 #: Flower error codes that mean the site's own ClientApp answered (it raised, or its
 #: mod refused): such a site is alive, and still reports its previous evaluation.
@@ -592,6 +598,11 @@ def run_experiment(grid: Grid, cfg: Any, options: Any, index: int = 0) -> Path:
         runtime=runtime,
         final_shared=out["final_shared"],
     )
+    if runtime == "flower-simulation":
+        # which LinkState sweep handed this run's messages to the sites
+        result.provenance["flower_sweep"] = (
+            "on-arrival" if flower_poll.active() else "flower-100ms"
+        )
     result.save(run_dir)
     print(f"[{label}] wrote {run_dir / 'results.json'}", flush=True)
     return run_dir
