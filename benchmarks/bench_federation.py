@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     sim_df = pd.DataFrame()
     flower_total = 0.0
     flower_seq_total = flower_seq_exp = flower_sweep_exp = float("nan")
+    seq_round = sweep_round = float("nan")
     sweeps = sweeps_off = set()
     if fed:
         cfgs = [_config(profile, m, rounds, extra) for m in fed]
@@ -182,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             os.environ.pop("MEDLORA_FLOWER_POLL", None)
         flower_sweep_exp = float(sum(r.seconds for r in seq_flower))
+        seq_round = float(pd.Series([r.seconds_per_round() for r in seq]).mean())
+        sweep_round = float(
+            pd.Series([r.seconds_per_round() for r in seq_flower]).mean()
+        )
         sweeps_off = {r.provenance.get("flower_sweep", "?") for r in seq_flower}
 
     table = plain_df.join(sim_df, how="left")
@@ -218,6 +223,13 @@ def main(argv: list[str] | None = None) -> int:
             f"(excl.) [sweep: {', '.join(sweeps_off)}]"
         )
         steady_plain = float(plain_df.loc[fed, "plain_s_per_round"].mean())
+        print(
+            "like for like, steady state (median s / round after round 1, mean over "
+            f"methods; the issue's measure): plain loop {steady_plain:.3f} s; Flower "
+            f"{seq_round:.3f} s -> Flower's share {1 - steady_plain / seq_round:.1%} "
+            f"[{', '.join(sweeps)}]; with Flower's own sweep {sweep_round:.3f} s -> "
+            f"{1 - steady_plain / sweep_round:.1%} [{', '.join(sweeps_off)}]"
+        )
         steady_flower = float(sim_df["flower_s_per_round"].mean())
         print(
             f"steady state (median s / round, mean over methods): plain "
@@ -252,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
                     "flower_one_client_at_a_time_total_s": flower_seq_total,
                     "flower_one_client_at_a_time_excl_s": flower_seq_exp,
                     "flower_own_sweep_one_client_at_a_time_excl_s": flower_sweep_exp,
+                    "plain_s_per_round": steady_plain if fed else None,
+                    "flower_one_client_at_a_time_s_per_round": seq_round,
+                    "flower_own_sweep_s_per_round": sweep_round,
                 },
                 indent=2,
             )
