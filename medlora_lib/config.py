@@ -244,6 +244,15 @@ class TrainConfig:
         "and monitored by early stopping (CineMA: `mcc`).",
         default="balanced_accuracy",
     )
+    test_every_round: bool = _help(
+        "Evaluate the test split after every round (true), or only where it can be "
+        "read (false): for a site, the rounds whose validation "
+        "train.selection_metric beats every earlier round of that site (the rounds "
+        "selection can pick), and the last round. Selected and final results are "
+        "the same either way; with false the other rounds' rows hold no test "
+        "metrics, and test-set curves need true.",
+        default=False,
+    )
     schedule: Literal["constant", "warmup_cosine"] = _help(
         "Learning-rate schedule over the federation's global step count: `constant` "
         "= train.lr throughout; `warmup_cosine` = CineMA's linear warm-up over the "

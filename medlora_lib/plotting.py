@@ -304,7 +304,7 @@ def plot_method_bars(
 
 def plot_method_curves(
     rounds: pd.DataFrame,
-    metric: str = "test_balanced_accuracy",
+    metric: str = "val_balanced_accuracy",
     ax: Any = None,
     methods: Sequence[str] | None = None,
 ) -> tuple[Any, Any]:

@@ -58,7 +58,7 @@ def check_message_keys(result) -> None:
     """Every message of ``result.messages`` holds only what the issue allows: the shared
     tensors, the round's config (:data:`ROUND_CONFIG_KEYS`) and scalar metrics."""
     from medlora_lib.adapters import get_shared_state
-    from medlora_lib.fl.strategies import ROUND_CONFIG_KEYS
+    from medlora_lib.fl.strategies import ROUND_CONFIG_KEYS, TEST_ABOVE_KEYS
     from medlora_lib.fl.task import build_adapted_model
 
     shared = set(get_shared_state(build_adapted_model(result.config)))
@@ -78,7 +78,11 @@ def check_message_keys(result) -> None:
             assert recs["metrics"]["keys"] == ["num-examples"]
         elif m["direction"] == "down":  # train and evaluate instructions
             assert kinds == {"arrays": "ArrayRecord", "config": "ConfigRecord"}
-            assert tuple(recs["config"]["keys"]) == ROUND_CONFIG_KEYS
+            keys = tuple(recs["config"]["keys"])
+            n = len(ROUND_CONFIG_KEYS)
+            assert keys[:n] == ROUND_CONFIG_KEYS
+            # a site's own best validation values so far (train.test_every_round)
+            assert set(keys[n:]) <= set(TEST_ABOVE_KEYS.values())
         elif key == ("up", "train"):
             assert kinds == {"arrays": "ArrayRecord", "metrics": "MetricRecord"}
             keys = set(recs["metrics"]["keys"])

@@ -398,7 +398,7 @@ class _Sites:
     def _m(self, rnd):
         return {"val_balanced_accuracy": self.curve[rnd - 1], "test_n": 4.0}
 
-    def train(self, rnd, sites, shared, evaluate_first):
+    def train(self, rnd, sites, shared, evaluate_first, test_above=None):
         self.trained.append(rnd)
         return RoundOutcome(
             replies={
@@ -412,7 +412,7 @@ class _Sites:
             }
         )
 
-    def evaluate(self, rnd, sites, shared):
+    def evaluate(self, rnd, sites, shared, test_above=None):
         return RoundOutcome(replies={s: {s: self._m(rnd)} for s in sites})
 
 

@@ -51,7 +51,7 @@ from flwr.clientapp import ClientApp
 from medlora_lib.config import experiment_of
 from medlora_lib.errors import ConfigError, DataError
 from medlora_lib.fl.mods import privacy_mod
-from medlora_lib.fl.strategies import PREV_EVAL_PREFIX
+from medlora_lib.fl.strategies import PREV_EVAL_PREFIX, TEST_ABOVE_KEYS
 
 __all__ = ["app", "SiteContext", "site_context", "PREV_EVAL_PREFIX", "SiteError"]
 
@@ -323,11 +323,23 @@ def reported_metrics(ctx: SiteContext, metrics: dict[str, float]) -> dict[str, f
     return {k: metrics[k] for k in keep if k in metrics}
 
 
+def _test_above(ctx: SiteContext, cfg: Any) -> dict[str, dict[str, float]]:
+    """The server's plan for this site's test split (:data:`TEST_ABOVE_KEYS` in the
+    round's config): its best validation values of earlier rounds, per variant."""
+    best = {p: float(cfg[k]) for p, k in TEST_ABOVE_KEYS.items() if k in cfg}
+    return {ctx.site: best} if best else {}
+
+
 def _evaluate_and_keep(
-    ctx, rt, store, run_key, rnd, shared, private
+    ctx, rt, store, run_key, rnd, shared, private, cfg
 ) -> dict[str, float]:
-    """Evaluate the deployed model; keep it as the site's last (and best) model."""
-    metrics = rt.evaluate_round(shared, private)[ctx.site]
+    """Evaluate the deployed model; keep it as the site's last (and best) model.
+
+    The test split is evaluated as the round's config plans (:func:`_test_above`):
+    only when the validation value beats the site's best earlier round, or always
+    when the config names none (the last round, ``train.test_every_round``).
+    """
+    metrics = rt.evaluate_round(shared, private, _test_above(ctx, cfg))[ctx.site]
     t0 = time.perf_counter()
     current = private if private is not None else rt.initial_private
     meta = {
@@ -387,7 +399,7 @@ def train(msg: Message, context: Context, ctx: SiteContext) -> Message:
     prev: dict[str, float] = {}
     state_s = 0.0
     if bool(cfg.get("evaluate-first", False)):
-        ev = _evaluate_and_keep(ctx, rt, store, run_key, rnd - 1, shared, private)
+        ev = _evaluate_and_keep(ctx, rt, store, run_key, rnd - 1, shared, private, cfg)
         state_s += _LAST_KEEP_S[0]
         prev = {PREV_EVAL_PREFIX + k: float(v) for k, v in ev.items()}
     dp_state, meta = None, {}
@@ -441,8 +453,8 @@ def train(msg: Message, context: Context, ctx: SiteContext) -> Message:
 @_guard
 def evaluate(msg: Message, context: Context, ctx: SiteContext) -> Message:
     """Evaluate this site's deployed model (received global + its private part)."""
-    _, rnd, run_key, rt, store, shared = _step(msg, ctx)
+    cfg, rnd, run_key, rt, store, shared = _step(msg, ctx)
     private = _private_before(store, run_key, rnd + 1)
-    metrics = _evaluate_and_keep(ctx, rt, store, run_key, rnd, shared, private)
+    metrics = _evaluate_and_keep(ctx, rt, store, run_key, rnd, shared, private, cfg)
     record = MetricRecord({"num-examples": int(metrics.get("val_n", 0)), **metrics})
     return Message(content=RecordDict({"metrics": record}), reply_to=msg)

@@ -42,6 +42,7 @@ __all__ = [
     "Transport",
     "InProcessSites",
     "run_rounds",
+    "plan_test_evaluations",
     "aggregator",
 ]
 
@@ -89,11 +90,20 @@ class Transport(Protocol):
         sites: list[str],
         shared: dict[str, torch.Tensor],
         evaluate_first: bool,
+        test_above: dict[str, dict[str, float]] | None = None,
     ) -> RoundOutcome:
-        """Train ``sites`` on ``shared``; replies are :class:`SiteReply`."""
+        """Train ``sites`` on ``shared``; replies are :class:`SiteReply`.
+
+        With ``evaluate_first`` each site first evaluates ``shared`` (the previous
+        round's model), its test split as ``test_above`` plans (:func:`plan_test_evaluations`).
+        """
 
     def evaluate(
-        self, rnd: int, sites: list[str], shared: dict[str, torch.Tensor]
+        self,
+        rnd: int,
+        sites: list[str],
+        shared: dict[str, torch.Tensor],
+        test_above: dict[str, dict[str, float]] | None = None,
     ) -> RoundOutcome:
         """Evaluate ``sites``; replies are ``{client: metrics}`` dicts."""
 
@@ -170,11 +180,16 @@ class InProcessSites:
         sites: list[str],
         shared: dict[str, torch.Tensor],
         evaluate_first: bool,
+        test_above: dict[str, dict[str, float]] | None = None,
     ) -> RoundOutcome:
         out = RoundOutcome(replies={})
         for s in sites:
             rt = self.runtimes[s]
-            prev = rt.evaluate_round(shared, self.private[s]) if evaluate_first else {}
+            prev = (
+                rt.evaluate_round(shared, self.private[s], test_above)
+                if evaluate_first
+                else {}
+            )
             res = rt.train_round(
                 shared,
                 self.private[s],
@@ -200,11 +215,17 @@ class InProcessSites:
         return out
 
     def evaluate(
-        self, rnd: int, sites: list[str], shared: dict[str, torch.Tensor]
+        self,
+        rnd: int,
+        sites: list[str],
+        shared: dict[str, torch.Tensor],
+        test_above: dict[str, dict[str, float]] | None = None,
     ) -> RoundOutcome:
         out = RoundOutcome(replies={})
         for s in sites:
-            out.replies[s] = self.runtimes[s].evaluate_round(shared, self.private[s])
+            out.replies[s] = self.runtimes[s].evaluate_round(
+                shared, self.private[s], test_above
+            )
             if self.federated:
                 out.bytes[s] = {"bytes_down_eval": _nbytes(shared)}
         return out
@@ -298,6 +319,12 @@ def run_rounds(
 
     from medlora_lib.recipe import early_stop_round
 
+    def plan() -> dict[str, dict[str, float]] | None:
+        # which test splits the next evaluation computes (train.test_every_round)
+        if cfg.train.test_every_round:
+            return None
+        return plan_test_evaluations(table.values(), cfg.train.selection_metric)
+
     sites: list[str] = []
     last = start_round - 1
     for rnd in range(start_round, total + 1):
@@ -322,14 +349,14 @@ def run_rounds(
                 )
             break
         sites = transport.sites(rnd)
-        out = transport.train(rnd, sites, shared, rnd > 1)
+        out = transport.train(rnd, sites, shared, rnd > 1, test_above=plan())
         fail(rnd, "train", out.failures)
         for rep in out.replies.values():
             record_eval(rnd - 1, rep.prev_eval)
         # a site that answered with an error still evaluates the model it received
         answered = [f["site"] for f in out.failures if f.get("answered") and rnd > 1]
         if answered:
-            ev = transport.evaluate(rnd - 1, answered, shared)
+            ev = transport.evaluate(rnd - 1, answered, shared, test_above=plan())
             fail(rnd - 1, "evaluate", ev.failures)
             record_eval(
                 rnd - 1, {c: m for per in ev.replies.values() for c, m in _clients(per)}
@@ -371,7 +398,7 @@ def run_rounds(
         last = rnd
     if start_round > total:  # a resumed run whose rounds are all done
         last = total
-    # the last round's model: one evaluate step
+    # the last round's model: one evaluate step, test splits included
     sites = sites or transport.sites(last)
     ev = transport.evaluate(last, sites, shared)
     fail(last, "evaluate", ev.failures)
@@ -385,6 +412,30 @@ def run_rounds(
         "final_shared": shared,
         "seconds": time.perf_counter() - t0,
     }
+
+
+def plan_test_evaluations(rows: Any, metric: str) -> dict[str, dict[str, float]]:
+    """Per client and variant, the best validation ``metric`` of the rounds recorded.
+
+    ``rows`` are the round loop's per-round × per-client rows. The result,
+    ``{client: {"": best val, "global_only_": best global-only val}}`` (a variant only
+    where it has a value), is what an evaluation needs to test only the rounds that
+    :func:`~medlora_lib.fl.result.select_rounds` can pick: a round is selected for a
+    client when its validation value is the highest so far (ties: the earlier), i.e.
+    strictly above this plan (``ClientRuntime.evaluate_round(test_above=...)``). With
+    ``train.test_every_round=false`` the round loop sends it with every evaluation but
+    the last (chapter ``notebooks/03_fedavg_lora``, "what a run evaluates").
+    """
+    out: dict[str, dict[str, float]] = {}
+    for r in rows:
+        for prefix in ("", "global_only_"):
+            v = r.get(f"{prefix}val_{metric}")
+            if v is None or v != v:
+                continue
+            best = out.setdefault(str(r["client"]), {})
+            if prefix not in best or float(v) > best[prefix]:
+                best[prefix] = float(v)
+    return out
 
 
 def _clients(per: Any) -> list[tuple[str, dict[str, float]]]:

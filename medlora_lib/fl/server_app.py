@@ -27,13 +27,17 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from medlora_lib.errors import ConfigError
 from medlora_lib.fl import flower_poll
 from medlora_lib.fl.federation import FederationError, RoundOutcome, SiteReply
-from medlora_lib.fl.strategies import PREV_EVAL_PREFIX, MedloraFedAvg
+from medlora_lib.fl.strategies import (
+    PREV_EVAL_PREFIX,
+    TEST_ABOVE_KEYS,
+    MedloraFedAvg,
+)
 
 __all__ = ["app", "GridSites", "run_experiment"]
 
@@ -344,29 +348,48 @@ class GridSites:
         sites: list[str],
         shared: dict,
         evaluate_first: bool,
+        test_above: dict[str, dict[str, float]] | None = None,
     ) -> tuple[ArrayRecord, dict[str, Message], list[dict[str, Any]]]:
-        """The strategy's messages of ``phase`` to ``sites``, sent; their replies."""
+        """The strategy's messages of ``phase`` to ``sites``, sent; their replies.
+
+        ``test_above`` (the round loop's :func:`~medlora_lib.fl.federation.plan_test_evaluations`)
+        adds to each site's own message the best validation values of its earlier
+        rounds (:data:`TEST_ABOVE_KEYS`), so that it tests only a round that can be
+        selected; a site never sees another site's values.
+        """
         arrays = ArrayRecord(shared)
         self.strategy.nodes = [self._node(s) for s in sites]
         configure = getattr(self.aggregator, f"configure_{phase}")
         config = self.strategy.round_config(rnd, evaluate_first)
         msgs = list(configure(rnd, arrays, config, self.grid))
+        for msg in msgs if test_above else []:
+            best = test_above.get(self.node_site.get(msg.metadata.dst_node_id, ""), {})
+            keys = {TEST_ABOVE_KEYS[p]: v for p, v in best.items()}
+            if keys:  # a copy: the strategy's messages share one config record
+                own = ConfigRecord({**dict(msg.content["config"]), **keys})
+                msg.content["config"] = own
         replies, failures = self._exchange(
             msgs, sites, phase, rnd, self.cfg.fed.round_timeout
         )
         return arrays, replies, failures
 
     def train(
-        self, rnd: int, sites: list[str], shared: dict, evaluate_first: bool
+        self,
+        rnd: int,
+        sites: list[str],
+        shared: dict,
+        evaluate_first: bool,
+        test_above: dict[str, dict[str, float]] | None = None,
     ) -> RoundOutcome:
         if self.cfg.privacy.secagg:  # Flower's SecAgg+: the server gets only the mean
             from medlora_lib.fl.secagg import secagg_train
 
+            # SecAgg+'s workflow sends one config to all: every site tests every round
             return secagg_train(self, rnd, sites, shared, evaluate_first)
         from medlora_lib.comm import payload_bytes, wire_bytes
 
         arrays, replies, failures = self._step(
-            "train", rnd, sites, shared, evaluate_first
+            "train", rnd, sites, shared, evaluate_first, test_above
         )
         down = {
             "bytes_down": payload_bytes(arrays),
@@ -437,10 +460,18 @@ class GridSites:
                 rnd, len(ordered)
             )
 
-    def evaluate(self, rnd: int, sites: list[str], shared: dict) -> RoundOutcome:
+    def evaluate(
+        self,
+        rnd: int,
+        sites: list[str],
+        shared: dict,
+        test_above: dict[str, dict[str, float]] | None = None,
+    ) -> RoundOutcome:
         from medlora_lib.comm import payload_bytes
 
-        arrays, replies, failures = self._step("evaluate", rnd, sites, shared, False)
+        arrays, replies, failures = self._step(
+            "evaluate", rnd, sites, shared, False, test_above
+        )
         out = RoundOutcome(replies={}, failures=failures)
         for site, rep in replies.items():
             m = {

@@ -30,7 +30,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-__all__ = ["MedloraFedAvg", "ROUND_CONFIG_KEYS", "PREV_EVAL_PREFIX"]
+__all__ = ["MedloraFedAvg", "ROUND_CONFIG_KEYS", "PREV_EVAL_PREFIX", "TEST_ABOVE_KEYS"]
 
 #: Prefix of the metrics of the previous round's model that a train reply carries
 #: (evaluation rides on the next round's train message).
@@ -45,6 +45,11 @@ ROUND_CONFIG_KEYS = (
     "run-key",
     "experiment",
 )
+
+#: Added to one site's train / evaluate config by the ServerApp (``GridSites._step``):
+#: per variant prefix, the best validation value of the site's earlier rounds; the
+#: site tests the received model only when it beats it (``train.test_every_round``).
+TEST_ABOVE_KEYS = {"": "test-above", "global_only_": "global-only-test-above"}
 
 
 class MedloraFedAvg(FedAvg):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -586,12 +587,20 @@ class ClientRuntime:
         )
 
     # ------------------------------------------------------------------ evaluate
-    def _metrics(self, prefix: str, name: str) -> dict[str, float]:
+    def _metrics(
+        self, prefix: str, name: str, test_above: float | None = None
+    ) -> dict[str, float]:
+        """``prefix`` + split metrics of client ``name``; the test split only when
+        ``test_above`` is ``None`` or the validation selection metric exceeds it."""
         from medlora_lib.metrics import METRIC_NAMES, binary_metrics
         from medlora_lib.train import predict_proba
 
         out: dict[str, float] = {}
         for split, (inp, y) in self.eval_sets[name].items():
+            if split == "test" and test_above is not None:
+                v = out.get(f"{prefix}val_{self.cfg.train.selection_metric}")
+                if v is None or not v > test_above:  # NaN: not selectable
+                    continue
             prob = predict_proba(
                 self.forward, inp, device=self.device, precision=self.precision
             )
@@ -606,6 +615,7 @@ class ClientRuntime:
         self,
         shared: dict[str, torch.Tensor],
         private: dict[str, torch.Tensor] | None,
+        test_above: Mapping[str, Mapping[str, float]] | None = None,
     ) -> dict[str, dict[str, float]]:
         """Metrics of each evaluated client's deployed model on its val and test splits.
 
@@ -613,6 +623,14 @@ class ClientRuntime:
         (for Med-DualLoRA: global + local adapter). For methods with a local adapter the
         global-only model (local adapter switched off) is evaluated too, with the prefix
         ``global_only_``.
+
+        Args:
+            test_above: the round loop's plan (:func:`~medlora_lib.fl.federation.
+                plan_test_evaluations`): per client and variant prefix (``""``, ``"global_only_"``)
+                the best validation ``train.selection_metric`` of its earlier rounds;
+                that variant's test split is then evaluated only when this round's
+                validation value beats it (only such a round can be selected). A
+                client or variant it does not name, or ``None``, is tested always.
 
         Returns:
             ``{client name: {"val_balanced_accuracy": ..., "test_...": ...}}``.
@@ -623,11 +641,15 @@ class ClientRuntime:
         self.model.eval()
         out = {}
         dual = METHODS[self.cfg.method].has_local_adapter
+        plan = test_above or {}
         for name in self.eval_sets:
-            m = self._metrics("", name)
+            above = plan.get(name, {})
+            m = self._metrics("", name, above.get(""))
             if dual:
                 with _local_adapter_off(self.model, LOCAL_ADAPTER):
-                    m.update(self._metrics("global_only_", name))
+                    m.update(
+                        self._metrics("global_only_", name, above.get("global_only_"))
+                    )
             out[name] = m
         return out
 
