@@ -76,6 +76,34 @@ def _in_child(args: tuple) -> dict:
         return pool.apply(_inprocess_child, (args,))
 
 
+def _sweep_ab(cfg, pairs: int) -> int:
+    """Steady-state s / round of one experiment, one client at a time, alternating
+    the on-arrival sweep (``fl/flower_poll``) and Flower's 100 ms one; the machine's
+    drift falls on both alike."""
+    from medlora_lib.fl import simulate
+
+    per: dict[str, list[float]] = {"on-arrival": [], "flower-100ms": []}
+    for i in range(pairs):
+        for mode in ("on-arrival", "flower-100ms"):
+            if mode == "flower-100ms":
+                os.environ["MEDLORA_FLOWER_POLL"] = "flower"
+            try:
+                [r] = simulate([cfg], verbose=False, max_parallel=1)
+            finally:
+                os.environ.pop("MEDLORA_FLOWER_POLL", None)
+            assert r.provenance.get("flower_sweep") == mode, r.provenance
+            per[mode].append(r.seconds_per_round())
+            print(f"pair {i + 1} {mode:13s} {per[mode][-1]:.3f} s / round", flush=True)
+    on = float(pd.Series(per["on-arrival"]).median())
+    off = float(pd.Series(per["flower-100ms"]).median())
+    print(
+        f"{cfg.method} at {cfg.profile}, {cfg.fed.num_rounds} rounds, one client at a "
+        f"time, median of {pairs}: on-arrival {on:.3f} s / round, Flower's sweep "
+        f"{off:.3f} s / round; saved {off - on:.3f} s a round ({1 - on / off:.1%})"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="smoke profile, 2 rounds")
@@ -85,6 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", nargs="*", default=[], metavar="SECTION.FIELD=VALUE")
     ap.add_argument(
         "--out", type=Path, default=None, help="write bench_federation.json"
+    )
+    ap.add_argument(
+        "--sweep-ab",
+        type=int,
+        default=0,
+        metavar="N",
+        help="only the LinkState sweep A/B: N alternating pairs of one-client-at-a-"
+        "time simulations (the first method), fl/flower_poll's sweep vs Flower's own",
     )
     args = ap.parse_args(argv)
     profile = "smoke" if args.smoke else args.profile
@@ -108,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     )  # data made once, not timed
     methods = [m for m in args.methods if m in ALL]
     fed = [m for m in methods if m in FEDERATED_METHODS]
+    if args.sweep_ab:
+        return _sweep_ab(_config(profile, fed[0], rounds, extra), args.sweep_ab)
 
     # 2a: every method alone in a fresh process, plain loop: peak memory, s / round
     plain = []
