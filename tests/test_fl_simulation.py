@@ -39,7 +39,9 @@ def _cfg(method: str, rounds: int = 1, seed: int = 0):
 @pytest.fixture(scope="module")
 def runs():
     configs = [_cfg(m) for m in FEDERATED_METHODS if m != "med_dual_lora"]
-    configs += [_cfg("med_dual_lora", 2)]
+    # 3 rounds: round 3's train message is the first to carry a site's best validation
+    # value of its earlier rounds (test-above, train.test_every_round=false)
+    configs += [_cfg("med_dual_lora", 3)]
     results = simulate(configs, record_messages=True, verbose=False)
     return results, configs
 
@@ -114,6 +116,16 @@ def test_every_message_carries_only_the_allowed_keys(runs):
     results, _ = runs
     for r in results:
         check_message_keys(r)
+    # each site's own plan for its test split reached it in round 3 (fl/federation)
+    dual = next(r for r in results if r.method == "med_dual_lora")
+    carried = [
+        m["records"]["config"]["keys"]
+        for m in dual.messages
+        if (m["direction"], m["phase"]) == ("down", "train") and m.get("round") == 3
+    ]
+    assert len(carried) == 4, [(m["direction"], m["phase"]) for m in dual.messages]
+    for keys in carried:
+        assert {"test-above", "global-only-test-above"} <= set(keys), keys
 
 
 def test_bytes_measured_equal_closed_form(runs):
