@@ -13,7 +13,9 @@ What a site runs comes from two places and nowhere else:
   ``fed.partition_by`` and loads only that site's arrays.
 
 Messages carry the shared tensors (``arrays``), the round's config (``config``:
-:data:`~medlora_lib.fl.strategies.ROUND_CONFIG_KEYS`) and scalar metrics — nothing else.
+:data:`~medlora_lib.fl.strategies.ROUND_CONFIG_KEYS`, plus this site's own best
+validation values so far, :data:`~medlora_lib.fl.strategies.TEST_ABOVE_KEYS`) and scalar
+metrics — nothing else.
 What must not leave the site (Med-DualLoRA's local adapter, FedSA-LoRA's B, a private
 head) is written after every round under ``state-dir``
 (:class:`~medlora_lib.fl.site_state.SiteStateStore`) and read back by the next message,
