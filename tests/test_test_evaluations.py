@@ -2,9 +2,10 @@
 
 Selection (``fl.result.select_rounds``) picks, per client, the first round with the best
 validation value; so only a round whose validation beats every earlier one, and the last
-round, need a test evaluation. The round loop sends that plan (``fl.federation.
-plan_test_evaluations``) with every evaluation but the last; the selected and final results must be
-those of a run that tests every round. Chapter ``notebooks/03_fedavg_lora``.
+round, need a test evaluation. The round loop sends that plan
+(``fl.federation.plan_test_evaluations``) with every evaluation but the last; the
+selected and final results must be those of a run that tests every round. Chapter
+``notebooks/03_fedavg_lora``.
 """
 
 from __future__ import annotations

@@ -632,9 +632,10 @@ class ClientRuntime:
         ``global_only_``.
 
         Args:
-            test_above: the round loop's plan (:func:`~medlora_lib.fl.federation.
-                plan_test_evaluations`): per client and variant prefix (``""``, ``"global_only_"``)
-                the best validation ``train.selection_metric`` of its earlier rounds;
+            test_above: the round loop's plan
+                (:func:`~medlora_lib.fl.federation.plan_test_evaluations`): per client
+                and variant prefix (``""``, ``"global_only_"``) the best validation
+                ``train.selection_metric`` of its earlier rounds;
                 that variant's test split is then evaluated only when this round's
                 validation value beats it (only such a round can be selected). A
                 client or variant it does not name, or ``None``, is tested always.
