@@ -128,3 +128,21 @@ def test_the_replaced_sweep_is_flowers_142_one():
     digest = hashlib.sha256(src.encode()).hexdigest()
     assert "f_stop.wait(0.1)" in src and "limit=1" in src
     assert digest == FLOWER_142_SWEEP, src
+
+
+def test_a_second_sweep_on_the_same_linkstate_is_woken_too(monkeypatch):
+    # one wrapper per LinkState, one event: a later sweep (another run) is woken as well
+    state = FakeLinkState()
+    for msg in ("first", "second"):
+        q, stop, th = _sweeping(state, monkeypatch, idle=60.0)
+        try:
+            time.sleep(0.2)
+            while not q.empty():  # the previous sweep's wake-up message
+                assert q.get() == "wake"
+            state.store_message_ins(1, msg)
+            assert q.get(timeout=10) == msg
+        finally:
+            stop.set()
+            state.store_message_ins(2, "wake")
+            th.join(timeout=10)
+        assert not th.is_alive()
