@@ -40,11 +40,25 @@ PROTOCOLS: tuple[str, ...] = ("per frame", "2-channel")
 WEIGHTS: tuple[str, ...] = ("pretrained (MAE)", "random init")
 
 
-def balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
+def balanced_accuracy(y: np.ndarray, pred: np.ndarray, axis: int = -1) -> float:
     """Mean recall over the classes present in ``y`` (= scikit-learn's
-    ``balanced_accuracy_score``, any number of classes; numpy, for the bootstrap)."""
-    y, pred = np.asarray(y), np.asarray(pred)
-    return float(np.mean([np.mean(pred[y == c] == c) for c in np.unique(y)]))
+    ``balanced_accuracy_score``, any number of classes; numpy, for the bootstrap).
+
+    Vectorised: given ``(..., n)`` arrays, one value per leading index (what
+    :func:`scipy.stats.bootstrap` passes with ``vectorized=True``); a float for 1-D.
+    """
+    y = np.moveaxis(np.asarray(y), axis, -1)
+    pred = np.moveaxis(np.asarray(pred), axis, -1)
+    recall_sum = np.zeros(y.shape[:-1])
+    present = np.zeros(y.shape[:-1])
+    for c in np.unique(y):
+        in_c = y == c
+        n_c = in_c.sum(-1)
+        hit = (in_c & (pred == c)).sum(-1)
+        recall_sum += np.where(n_c > 0, hit / np.maximum(n_c, 1), 0.0)
+        present += n_c > 0
+    out = recall_sum / present
+    return float(out) if out.ndim == 0 else out
 
 
 def balanced_accuracy_ci(
@@ -57,8 +71,9 @@ def balanced_accuracy_ci(
     """Percentile bootstrap interval of the balanced accuracy over test subjects.
 
     Subjects (label and prediction together, ``paired=True``) are resampled with
-    replacement by :func:`scipy.stats.bootstrap`; the probe is not refitted, so the
-    interval describes the sampling of the test set only.
+    replacement by :func:`scipy.stats.bootstrap` (the statistic vectorised over the
+    resamples); the probe is not refitted, so the interval describes the sampling of
+    the test set only.
 
     Returns:
         ``(low, high)``; ``(nan, nan)`` for ``n_resamples == 0`` or fewer than two
@@ -69,11 +84,14 @@ def balanced_accuracy_ci(
     y, pred = np.asarray(y), np.asarray(pred)
     if n_resamples <= 0 or len(y) < 2:
         return float("nan"), float("nan")
+    # labels as integer codes (vendor names are strings), the same for both arrays
+    _, codes = np.unique(np.concatenate([y, pred]), return_inverse=True)
+    codes = codes.reshape(-1)
     res = bootstrap(
-        (y, pred),
+        (codes[: len(y)], codes[len(y) :]),
         balanced_accuracy,
         paired=True,
-        vectorized=False,
+        vectorized=True,
         n_resamples=int(n_resamples),
         confidence_level=confidence,
         method="percentile",

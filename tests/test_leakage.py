@@ -67,3 +67,49 @@ def test_within_class_auc_removes_a_prevalence_confound():
     # a real signal inside each class is kept
     scores2 = scores + 0.5 * member
     assert within_class_auc(scores2, member, y) > 0.95
+
+
+def test_the_vectorised_statistic_equals_sklearn_and_a_loop_over_resamples():
+    """The ranks-based AUC is sklearn's ``roc_auc_score`` class by class (ties
+    included), and the vectorised bootstrap draws the very interval of scipy's
+    one-resample-at-a-time loop over that sklearn statistic."""
+    from scipy.stats import bootstrap
+    from sklearn.metrics import roc_auc_score
+
+    from medlora_lib.privacy.leakage import within_class_auc
+
+    rng = np.random.default_rng(3)
+    n = 60
+    scores = np.round(rng.normal(size=n), 1)  # many ties
+    member = rng.integers(0, 2, n)
+    labels = np.array([f"site{i % 3}/{c}" for i, c in enumerate(rng.integers(0, 2, n))])
+
+    def reference(s, m, y):
+        total = weight = 0.0
+        for c in np.unique(y):
+            g = y == c
+            pairs = float(m[g].sum() * (g.sum() - m[g].sum()))
+            if pairs:
+                total += pairs * roc_auc_score(m[g], s[g])
+                weight += pairs
+        return total / weight if weight else 0.5
+
+    assert within_class_auc(scores, member, labels) == pytest.approx(
+        reference(scores, member, labels), abs=1e-12
+    )
+    assert within_class_auc(scores, member) == pytest.approx(
+        roc_auc_score(member, scores), abs=1e-12
+    )
+    codes = np.unique(labels, return_inverse=True)[1]  # scipy's loop needs numbers
+    looped = bootstrap(
+        (scores, member, codes),
+        reference,
+        paired=True,
+        vectorized=False,
+        n_resamples=200,
+        method="percentile",
+        rng=np.random.default_rng(0),
+    ).confidence_interval
+    auc, lo, hi = auc_interval(scores, member, 200, 0, labels=labels)
+    assert auc == pytest.approx(reference(scores, member, labels), abs=1e-12)
+    assert (lo, hi) == pytest.approx((looped.low, looped.high), abs=1e-12)

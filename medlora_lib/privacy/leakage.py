@@ -43,34 +43,59 @@ MIA_COLUMNS = (
 )
 
 
+def _class_codes(member: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
+    """Integer class codes (0 when there are no labels; strings allowed)."""
+    if labels is None:
+        return np.zeros(len(member), int)
+    return np.unique(np.asarray(labels), return_inverse=True)[1].reshape(-1)
+
+
+def _within_class_auc_batch(
+    scores: np.ndarray, member: np.ndarray, codes: np.ndarray, empty: float
+) -> np.ndarray:
+    """:func:`within_class_auc` along the last axis of ``(..., n)`` arrays at once.
+
+    Per class, the Mann-Whitney statistic from average ranks (ties: 1/2, exactly
+    sklearn's ``roc_auc_score``): the other classes' scores are set to ``+inf``, so they
+    rank above every score of the class and leave its ranks as they are. ``empty``
+    where no class holds both groups.
+    """
+    from scipy.stats import rankdata
+
+    scores = np.asarray(scores, dtype=float)
+    member = np.asarray(member).astype(bool)
+    codes = np.asarray(codes)
+    total = np.zeros(scores.shape[:-1])
+    weight = np.zeros(scores.shape[:-1])
+    for c in np.unique(codes):
+        in_c = codes == c
+        ranks = rankdata(np.where(in_c, scores, np.inf), axis=-1)
+        pos = in_c & member
+        n1 = pos.sum(-1).astype(float)
+        n0 = (in_c & ~member).sum(-1).astype(float)
+        pairs = n1 * n0
+        u = (ranks * pos).sum(-1) - n1 * (n1 + 1) / 2
+        total += np.where(pairs > 0, u, 0.0)
+        weight += pairs
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(weight > 0, total / np.where(weight > 0, weight, 1), empty)
+
+
 def within_class_auc(
     scores: np.ndarray, member: np.ndarray, labels: np.ndarray | None = None
 ) -> float:
     """P(a member scores higher than a non-member *of the same class*) (ties: 1/2).
 
-    The per-class ROC AUCs (sklearn) weighted by their member × non-member pairs.
-    Without ``labels``: the plain AUC. Comparing within a class matters because a
-    site's training and test splits need not hold the same share of diseased
-    subjects, and the loss depends on the class: across classes the attack would
-    partly measure prevalence, not memorisation. NaN when no class has both groups.
+    The per-class ROC AUCs weighted by their member × non-member pairs (each the
+    Mann-Whitney statistic, equal to sklearn's ``roc_auc_score``). Without ``labels``:
+    the plain AUC. Comparing within a class matters because a site's training and test
+    splits need not hold the same share of diseased subjects, and the loss depends on
+    the class: across classes the attack would partly measure prevalence, not
+    memorisation. NaN when no class has both groups.
     """
-    from sklearn.metrics import roc_auc_score
-
-    scores = np.asarray(scores, dtype=float)
     member = np.asarray(member, dtype=int)
-    groups = [np.ones(len(member), bool)] if labels is None else None
-    if groups is None:
-        labels = np.asarray(labels)
-        groups = [labels == c for c in np.unique(labels)]
-    total, weight = 0.0, 0.0
-    for g in groups:
-        m = member[g]
-        pairs = float(m.sum() * (len(m) - m.sum()))
-        if pairs == 0:
-            continue
-        total += pairs * float(roc_auc_score(m, scores[g]))
-        weight += pairs
-    return total / weight if weight else float("nan")
+    codes = _class_codes(member, labels)
+    return float(_within_class_auc_batch(scores, member, codes, float("nan")))
 
 
 def auc_interval(
@@ -82,7 +107,8 @@ def auc_interval(
     labels: np.ndarray | None = None,
 ) -> tuple[float, float, float]:
     """:func:`within_class_auc` of ``scores`` for ``member`` (1) vs non-member (0) and
-    its percentile bootstrap interval (``scipy.stats.bootstrap``, resampling subjects).
+    its percentile bootstrap interval (``scipy.stats.bootstrap``, resampling subjects;
+    the statistic is vectorised over the resamples).
 
     Returns ``(auc, low, high)``; NaN when no class holds both groups.
     """
@@ -90,21 +116,26 @@ def auc_interval(
 
     scores = np.asarray(scores, dtype=float)
     member = np.asarray(member, dtype=int)
-    lab = np.zeros(len(member), int) if labels is None else np.asarray(labels)
+    codes = _class_codes(member, labels)
     nan = float("nan")
-    auc = within_class_auc(scores, member, lab)
+    auc = within_class_auc(scores, member, codes)
     if not np.isfinite(auc) or len(member) < 3:
         return nan, nan, nan
 
-    def stat(s: np.ndarray, m: np.ndarray, y: np.ndarray) -> float:
-        v = within_class_auc(s, m, y)
-        return 0.5 if not np.isfinite(v) else v  # a resample with one group
+    def stat(s: np.ndarray, m: np.ndarray, y: np.ndarray, axis: int = -1):
+        # a resample with one group counts as chance
+        return _within_class_auc_batch(
+            np.moveaxis(s, axis, -1),
+            np.moveaxis(m, axis, -1),
+            np.moveaxis(y, axis, -1),
+            0.5,
+        )
 
     res = bootstrap(
-        (scores, member, lab),
+        (scores, member, codes),
         stat,
         paired=True,
-        vectorized=False,
+        vectorized=True,
         n_resamples=n_resamples,
         confidence_level=confidence,
         method="percentile",
