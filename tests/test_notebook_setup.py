@@ -80,3 +80,21 @@ def _parameters_cell_values(nb) -> dict:
     values = parameter_defaults(nb)
     assert values, f"{nb.name} has no parameters cell"
     return values
+
+
+def test_papermill_reads_every_parameter_with_its_help(caplog):
+    """papermill's own inspector (``papermill --help-notebook``, and the ``Unable to
+    parse line`` warning of every run) skips a parameter line holding a second ``=``,
+    e.g. in its comment: every name of the cell must come back, with its help text."""
+    import logging
+
+    from papermill.inspection import inspect_notebook
+
+    from medlora_lib.bookrun import list_notebooks, parameter_names
+
+    for nb in list_notebooks():
+        with caplog.at_level(logging.WARNING, logger="papermill"):
+            caplog.clear()
+            got = inspect_notebook(str(nb))
+        assert not [r for r in caplog.records if "Unable to parse" in r.message], nb
+        assert set(got) == set(parameter_names(nb)), nb.name
