@@ -15,15 +15,18 @@ import zipfile
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
-from monai.transforms import Compose
 from torch.utils.data import Dataset
 
 from medlora_lib.data.manifest import SPLITS, VENDORS, normalise_vendor, read_manifest
 from medlora_lib.errors import DataError
+
+if TYPE_CHECKING:  # MONAI is imported where a transform is built: ~10 s per process
+    from monai.transforms import Compose
 
 __all__ = ["CineDataset", "load_arrays", "load_case", "make_augmentation"]
 

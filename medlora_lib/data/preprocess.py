@@ -53,7 +53,6 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import torch
-from monai.transforms import Resize
 from scipy.ndimage import gaussian_filter
 
 from medlora_lib.errors import DataError
@@ -219,6 +218,10 @@ def _resize(
 ) -> np.ndarray:
     if tuple(array.shape[1:]) == size:
         return array
+    # imported here: `import monai` loads all of MONAI (~10 s), which the processes
+    # that only read prepared arrays (Flower's actors, SuperNodes) never need
+    from monai.transforms import Resize
+
     tensor = torch.as_tensor(array, dtype=torch.float32)
     if label:
         return _numpy(Resize(size, mode="nearest-exact")(tensor))

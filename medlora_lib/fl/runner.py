@@ -39,6 +39,7 @@ __all__ = [
     "flwr_run",
     "free_port",
     "project_dir",
+    "staged_app",
     "start_supernode",
     "stop_processes",
     "write_run_config",
@@ -64,6 +65,56 @@ def project_dir() -> Path:
             "the app's pyproject.toml)"
         )
     return root
+
+
+def staged_app(root: Path, into: Path) -> Path:
+    """The folder ``flwr run`` bundles: ``root``'s bundle files copied into ``into``, or
+    ``root`` itself when its ``pyproject.toml`` sets no ``[tool.flwr.app] fab-include``.
+
+    ``flwr run APP`` first lists *every* file under ``APP`` (``os.walk``, a ``resolve``
+    per file) and only then filters them by ``.gitignore`` and ``fab-include``. In a
+    checkout with its ``.venv`` and run cache that is ~69,000 files and ~18 s of CPU on
+    every run here, for a bundle of two files (``pyproject.toml``, ``README.md``). This
+    walks the tree without descending into the folders ``.gitignore`` ignores and copies the files ``fab-include`` names (and ``.gitignore``), so Flower
+    builds the very same FAB — same bytes, same hash (``tests/test_fl_runner.py``
+    compares it with Flower's own build of ``root``) — in milliseconds. ``flwr run .``
+    typed by hand still works on the checkout itself, only slower.
+    """
+    import shutil
+    import tomllib
+    import warnings
+
+    import pathspec
+
+    root = Path(root)
+    config = tomllib.loads((root / "pyproject.toml").read_text())
+    include = config.get("tool", {}).get("flwr", {}).get("app", {}).get("fab-include")
+    if not include:
+        return root
+    gitignore = root / ".gitignore"
+    ignore_lines = gitignore.read_text().splitlines() if gitignore.exists() else []
+    with warnings.catch_warnings():  # Flower's own pattern style, deprecated name
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ignored = pathspec.PathSpec.from_lines("gitwildmatch", ignore_lines)
+        wanted = pathspec.PathSpec.from_lines("gitwildmatch", include)
+    keep = ["pyproject.toml"] + ([".gitignore"] if gitignore.exists() else [])
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = Path(dirpath).relative_to(root)
+        dirnames[:] = sorted(
+            d for d in dirnames if not ignored.match_file(f"{(rel / d).as_posix()}/")
+        )
+        for name in filenames:
+            path = (rel / name).as_posix()
+            if path not in keep and wanted.match_file(path):
+                if not ignored.match_file(path) and not (root / path).is_symlink():
+                    keep.append(path)
+    into = Path(into)
+    if into.exists():
+        shutil.rmtree(into)
+    for path in keep:
+        (into / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(root / path, into / path)
+    return into
 
 
 def free_port() -> int:
@@ -377,7 +428,8 @@ def flwr_run(
             checkpoint is kept: run again to resume).
         DeploymentError: ``timeout`` passed.
     """
-    cmd = [_bin("flwr"), "run", str(app_dir or project_dir()), "medlora", "--stream"]
+    app = app_dir or staged_app(project_dir(), link.work / "app")
+    cmd = [_bin("flwr"), "run", str(app), "medlora", "--stream"]
     if isinstance(run_config, Path):
         cmd += ["--run-config", str(run_config)]
     elif run_config:
