@@ -224,9 +224,10 @@ def test_bytes_table_reads_the_measured_bytes(runs):
 
 
 def test_flwr_run_with_run_config_overrides(tmp_path):
-    """The README's command: `flwr run . --run-config "k=v ..."`, parsed by Flower."""
+    """The README's command: `flwr run . --run-config "k=v ..."`, parsed by Flower; on
+    the checkout itself (the other runs get its staged bundle files, the same FAB)."""
     from medlora_lib.fl.result import RunResult
-    from medlora_lib.fl.runner import LoopbackSuperLink, flwr_run
+    from medlora_lib.fl.runner import LoopbackSuperLink, flwr_run, project_dir
 
     out = tmp_path / "run"
     overrides = [
@@ -239,7 +240,10 @@ def test_flwr_run_with_run_config_overrides(tmp_path):
     ]
     with LoopbackSuperLink(tmp_path / "link", simulation=True) as link:
         status = flwr_run(
-            link, overrides, "num-supernodes=4 client-resources-num-cpus=1"
+            link,
+            overrides,
+            "num-supernodes=4 client-resources-num-cpus=1",
+            app_dir=project_dir(),
         )
         assert status == 0
         bad = flwr_run(link, ["fed.num-rnds=3"], "num-supernodes=4")
