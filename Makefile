@@ -54,6 +54,7 @@ bench: install
 	$(PY) benchmarks/bench_prefix_cache.py
 	$(PY) benchmarks/bench_metrics.py
 	$(PY) benchmarks/bench_federation.py
+	$(PY) benchmarks/bench_flower_startup.py --run
 	$(PY) benchmarks/bench_privacy.py
 	$(PY) benchmarks/bench_memory.py
 	$(PY) benchmarks/bench_inprocess.py
