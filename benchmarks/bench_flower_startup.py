@@ -20,7 +20,7 @@ pays once — with what it was before and the parts that remain, side by side.
 Run::
 
     .venv/bin/python benchmarks/bench_flower_startup.py          # ~1 min
-    .venv/bin/python benchmarks/bench_flower_startup.py --run    # + ~2.5 min
+    .venv/bin/python benchmarks/bench_flower_startup.py --run    # + ~4 min
 """
 
 from __future__ import annotations
@@ -66,16 +66,21 @@ def _import_seconds(modules: str, repeat: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _one_round(app_dir: Path | None) -> float:
+def _smoke_config():
     from medlora_lib.config import get_config
-    from medlora_lib.fl import simulate
 
-    cfg = get_config(
+    return get_config(
         "smoke",
         method="fedavg_lora",
         seed=101,
         overrides={"fed.num_rounds": 1, "model.pretrained": "none"},
     )
+
+
+def _one_round(app_dir: Path | None) -> float:
+    from medlora_lib.fl import simulate
+
+    cfg = _smoke_config()
     t0 = time.perf_counter()
     simulate(cfg, verbose=False, app_dir=app_dir)
     return time.perf_counter() - t0
@@ -85,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3, help="fresh interpreters per row")
     ap.add_argument("--run", action="store_true", help="also time one smoke round")
+    ap.add_argument("--pairs", type=int, default=2, help="--run: alternated pairs")
     args = ap.parse_args(argv)
     from medlora_lib.fl.runner import project_dir, staged_app
 
@@ -129,12 +135,22 @@ def main(argv: list[str] | None = None) -> None:
         "(2 Ray actors per simulation here, 1 per SuperNode in a deployment)"
     )
     if args.run:
-        staged_s = _one_round(None)
-        root_s = _one_round(root)
-        print("\n3. one smoke FedAvg-LoRA round, 4 sites, through simulate()")
-        print(f"   {'flwr run on the staged bundle (now)':<44} {staged_s:>7.1f} s")
-        print(f"   {'flwr run on the checkout':<44} {root_s:>7.1f} s")
-        print(f"   {'difference':<44} {root_s - staged_s:>7.1f} s")
+        from medlora_lib.pipeline import resolve_data_dir
+
+        resolve_data_dir(_smoke_config(), verbose=False)  # the data made before timing
+        # alternated, so that drift of this shared machine falls on both alike
+        staged_s, root_s = [], []
+        for _ in range(args.pairs):
+            staged_s.append(_one_round(None))
+            root_s.append(_one_round(root))
+        med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+        print(
+            "\n3. one smoke FedAvg-LoRA round, 4 sites, through simulate() "
+            f"(median of {args.pairs}, alternated)"
+        )
+        print(f"   {'flwr run on the staged bundle (now)':<44} {med(staged_s):>7.1f} s")
+        print(f"   {'flwr run on the checkout':<44} {med(root_s):>7.1f} s")
+        print(f"   {'difference':<44} {med(root_s) - med(staged_s):>7.1f} s")
 
 
 if __name__ == "__main__":
