@@ -104,6 +104,56 @@ def _sweep_ab(cfg, pairs: int) -> int:
     return 0
 
 
+PARTS = ("compute", "state", "handler_other", "idle")
+PART_HELP = {
+    "wall": "first push to last reply (the round's exchanges)",
+    "compute": "training + evaluation in the handlers",
+    "state": "the sites' state writes",
+    "handler_other": "the rest of the handlers (state reads, records, configs)",
+    "idle": "no handler running: Flower's hand-offs, Ray, the server's pull",
+}
+
+
+def _trace(cfg, profile: str, rounds: int | None, extra: list[str]) -> int:
+    """Where a round's time goes (``fl/trace.py``): one simulation with one client at a
+    time, traced message by message, beside the plain loop's s / round of the same
+    experiment, both printed as ms per round (median over rounds after the first)."""
+    import tempfile
+
+    from medlora_lib.fl import simulate
+    from medlora_lib.fl.trace import ENV, breakdown, per_round, read_trace
+
+    plain = _in_child((profile, [cfg.method], rounds, extra))["methods"][cfg.method]
+    with tempfile.TemporaryDirectory(prefix="medlora-trace-") as d:
+        os.environ[ENV] = d
+        try:
+            [r] = simulate([cfg], verbose=False, max_parallel=1)
+        finally:
+            os.environ.pop(ENV, None)
+        msgs = breakdown(read_trace(d))
+    msgs = msgs[msgs["phase"] != "query"]
+    rounds_df = per_round(msgs)
+    rounds_df = rounds_df[rounds_df["round"] > rounds_df["round"].min()]  # 1: builds
+    per = rounds_df.groupby("round")[["wall", *PARTS]].sum()
+    med = per.median() * 1e3
+    flower_round = r.seconds_per_round()
+    plain_round = plain["plain_s_per_round"]
+    print(
+        f"{cfg.method} at {profile}, {cfg.fed.num_rounds} rounds, one client at a time; "
+        f"{len(msgs)} traced messages, {msgs['site'].nunique()} sites; ms per round, "
+        f"median over rounds {int(per.index.min())}..{int(per.index.max())}:"
+    )
+    for k in ("wall", *PARTS):
+        print(f"  {k:14s} {med[k]:8.1f}  {PART_HELP.get(k, '')}")
+    print(
+        f"Flower s / round {flower_round:.3f} vs plain loop {plain_round:.3f}: share "
+        f"{1 - plain_round / flower_round:.1%}; of the traced round: idle "
+        f"{med['idle'] / med['wall']:.1%} (Flower + Ray), medlora's state writes + "
+        f"message handling {(med['state'] + med['handler_other']) / med['wall']:.1%}"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="smoke profile, 2 rounds")
@@ -121,6 +171,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="only the LinkState sweep A/B: N alternating pairs of one-client-at-a-"
         "time simulations (the first method), fl/flower_poll's sweep vs Flower's own",
+    )
+    ap.add_argument(
+        "--trace",
+        action="store_true",
+        help="only the per-message breakdown of the first federated method (one "
+        "client at a time, fl/trace.py) beside the plain loop's s / round",
     )
     args = ap.parse_args(argv)
     profile = "smoke" if args.smoke else args.profile
@@ -144,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     )  # data made once, not timed
     methods = [m for m in args.methods if m in ALL]
     fed = [m for m in methods if m in FEDERATED_METHODS]
+    if args.trace:
+        return _trace(_config(profile, fed[0], rounds, extra), profile, rounds, extra)
     if args.sweep_ab:
         return _sweep_ab(_config(profile, fed[0], rounds, extra), args.sweep_ab)
 

@@ -22,6 +22,7 @@ from medlora_lib.adapters import (
     METHODS,
     AdapterConfig,
     MethodName,
+    adapter_info,
     aggregate_shared,
     apply_adapters,
     closed_form_lora_params,
@@ -731,3 +732,30 @@ def test_methods_table():
     assert bool(row["local adapter"]) and "global" in row["sent to the server"]
     assert df["reference"].str.len().min() > 0
     assert not METHODS["fedavg_lora"].has_local_adapter
+
+
+def test_role_index_is_the_uncached_walk_and_follows_a_new_info():
+    """The role → parameters index is cached per AdapterInfo; it equals a fresh walk of
+    the model, hands out the model's own parameters, and a new info rebuilds it."""
+    from medlora_lib import adapters as A
+
+    m = _build("convvit", "med_dual_lora")
+    info = adapter_info(m)
+    walk = {}
+    for name, p in A._named_params(m):
+        walk.setdefault(A._role(name, info), {})[name] = p
+    for role in ("shared", "private", "base"):
+        got = A._params_with_role(m, role, None)
+        assert list(got) == list(walk.get(role, {}))
+        assert all(got[k] is walk[role][k] for k in got)
+    # a second call is a copy of the cached index: changing it leaves the cache whole
+    A._params_with_role(m, "shared", None).clear()
+    assert A._params_with_role(m, "shared", None)
+    assert A._ROLE_INDEX[m][0] is info
+    # another head policy, stored as a new info: the roles are recomputed
+    new = dataclasses.replace(
+        info, config=dataclasses.replace(info.config, head="shared")
+    )
+    object.__setattr__(m, A.ADAPTER_INFO_ATTR, new)
+    heads = [k for k in A._params_with_role(m, "shared", None) if "pred_head" in k]
+    assert heads and A._ROLE_INDEX[m][0] is new

@@ -428,3 +428,84 @@ def test_supernode_auth_needs_tls(smoke_dir, tmp_path):
         Deployment(
             get_config("smoke", method="fedavg_lora"), tmp_path, supernode_auth=True
         )
+
+
+def test_atomic_write_many_fsyncs_only_when_durable(tmp_path, monkeypatch):
+    import os
+
+    from medlora_lib.fl import site_state
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(
+        site_state.os, "fsync", lambda fd: (synced.append(fd), real(fd))
+    )
+    files = {
+        tmp_path / f"{k}.safetensors": {"w": torch.full((2,), float(k))} for k in (1, 2)
+    }
+    site_state.atomic_write_many(files)
+    assert len(synced) == 2
+    site_state.atomic_write_many(files, durable=False)
+    assert len(synced) == 2
+    for p, t in files.items():
+        assert torch.equal(site_state.read_tensors(p)["w"], t["w"])
+    assert not list(tmp_path.glob(".*tmp*"))
+    # the site's model: 'best' is durable, 'last' (rewritten every message) atomic only
+    store = SiteStateStore(tmp_path / "s", "GE")
+    store.bind("r", {}, "i")
+    store.save_deployed("r", "last", {"a": torch.ones(1)}, {"b": torch.ones(1)}, {})
+    assert len(synced) == 2
+    store.save_deployed("r", "best", {"a": torch.ones(1)}, {"b": torch.ones(1)}, {})
+    assert len(synced) == 4
+
+
+def test_trace_breakdown_and_idle_from_the_union_of_handler_intervals(
+    tmp_path, monkeypatch
+):
+    from medlora_lib.fl import trace
+
+    monkeypatch.setenv(trace.ENV, str(tmp_path / "tr"))
+    # round 1: two messages pushed at t=0; handlers [1, 4] and [2, 6] overlap -> busy 5
+    for mid, site, (a, b), reply in (
+        ("m1", "GE", (1, 4), 5),
+        ("m2", "Canon", (2, 6), 8),
+    ):
+        trace.record(
+            "server",
+            message_id=mid,
+            phase="train",
+            round=1,
+            site=site,
+            t_push=0.0,
+            t_reply=float(reply),
+        )
+        trace.record(
+            "handler",
+            message_id=mid,
+            site=site,
+            t_enter=float(a),
+            t_exit=float(b),
+            compute_s=1.5,
+            state_s=0.5,
+        )
+    trace.record(
+        "server",
+        message_id="lost",
+        phase="train",
+        round=1,
+        site="Philips",
+        t_push=0.0,
+        t_reply=None,
+    )
+    msgs = trace.breakdown(trace.read_trace(tmp_path / "tr"))
+    assert sorted(msgs.site) == ["Canon", "GE"]
+    ge = msgs.set_index("site").loc["GE"]
+    assert (ge.total, ge.down, ge.up, ge.handler_other) == (5.0, 1.0, 1.0, 1.0)
+    r = trace.per_round(msgs).iloc[0]
+    assert (r.wall, r.idle, r.compute, r.state, r.messages) == (8.0, 3.0, 3.0, 1.0, 2)
+    monkeypatch.delenv(trace.ENV)
+    assert trace.trace_dir() is None
+    trace.record("server", message_id="x")  # off: nothing written
+    assert len(trace.read_trace(tmp_path / "tr")) == 5
+    with pytest.raises(ValueError, match="MEDLORA_TRACE_DIR"):
+        trace.breakdown([])

@@ -52,6 +52,7 @@ from flwr.clientapp import ClientApp
 
 from medlora_lib.config import experiment_of
 from medlora_lib.errors import ConfigError, DataError
+from medlora_lib.fl import trace
 from medlora_lib.fl.mods import privacy_mod
 from medlora_lib.fl.strategies import PREV_EVAL_PREFIX, TEST_ABOVE_KEYS
 
@@ -259,6 +260,8 @@ def _guard(handler):
 
     def wrapped(msg: Message, context: Context) -> Message:
         ctx = None
+        t_enter = time.time()
+        _SPENT.update(compute=0.0, state=0.0)
         try:
             cfg = msg.content["config"]
             ctx = site_context(
@@ -266,7 +269,18 @@ def _guard(handler):
                 dict(context.node_config),
                 int(cfg.get("experiment", 0)),
             )
-            return handler(msg, context, ctx)
+            reply = handler(msg, context, ctx)
+            if trace.trace_dir() is not None:
+                trace.record(
+                    "handler",
+                    message_id=msg.metadata.message_id,
+                    site=ctx.site,
+                    t_enter=t_enter,
+                    t_exit=time.time(),
+                    compute_s=_SPENT["compute"],
+                    state_s=_SPENT["state"],
+                )
+            return reply
         except Exception as exc:  # reported to the server as an error reply
             traceback.print_exc(file=sys.stderr)
             where = f"site {ctx.site}: " if ctx is not None and ctx.site else ""
@@ -313,6 +327,9 @@ def _selection(ctx: SiteContext, metrics: dict[str, float]) -> float | None:
 
 
 _LAST_KEEP_S = [0.0]
+#: seconds of the message being handled spent on the model's own work (training,
+#: evaluation) and on the site's state writes (``fl/trace.py``)
+_SPENT = {"compute": 0.0, "state": 0.0}
 
 
 def reported_metrics(ctx: SiteContext, metrics: dict[str, float]) -> dict[str, float]:
@@ -348,7 +365,9 @@ def _evaluate_and_keep(
     only when the validation value beats the site's best earlier round, or always
     when the config names none (the last round, ``train.test_every_round``).
     """
+    t0 = time.perf_counter()
     metrics = rt.evaluate_round(shared, private, _test_above(ctx, cfg))[ctx.site]
+    _SPENT["compute"] += time.perf_counter() - t0
     t0 = time.perf_counter()
     current = private if private is not None else rt.initial_private
     meta = {
@@ -365,6 +384,7 @@ def _evaluate_and_keep(
     if value is not None and (best is None or value > best):
         store.save_deployed(run_key, "best", shared, current, meta, rt.model)
     _LAST_KEEP_S[0] = time.perf_counter() - t0
+    _SPENT["state"] += _LAST_KEEP_S[0]
     return reported_metrics(ctx, metrics)
 
 
@@ -443,7 +463,10 @@ def train(msg: Message, context: Context, ctx: SiteContext) -> Message:
         {"train_loss": out.train_loss, **meta},
         optimizer=out.optimizer,
     )
-    state_s += time.perf_counter() - t0
+    saved_s = time.perf_counter() - t0
+    state_s += saved_s
+    _SPENT["state"] += saved_s
+    _SPENT["compute"] += out.seconds
     metrics = MetricRecord(
         {
             "num-examples": out.num_examples,

@@ -31,7 +31,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from medlora_lib.errors import ConfigError
-from medlora_lib.fl import flower_poll
+from medlora_lib.fl import flower_poll, trace
 from medlora_lib.fl.federation import FederationError, RoundOutcome, SiteReply
 from medlora_lib.fl.strategies import (
     PREV_EVAL_PREFIX,
@@ -144,8 +144,10 @@ class GridSites:
         """
         for m, s in zip(messages, sites, strict=True):
             self._log("down", phase, rnd, s, m)
+        t_push = time.time()
         ids = list(self.grid.push_messages(messages))
         pending = dict(zip(ids, sites, strict=True))
+        tracing = trace.trace_dir() is not None
         replies: dict[str, Message] = {}
         failures: list[dict[str, Any]] = []
         deadline = time.monotonic() + timeout
@@ -157,6 +159,16 @@ class GridSites:
                 site = pending.pop(rep.metadata.reply_to_message_id, None)
                 if site is None:
                     continue
+                if tracing:
+                    trace.record(
+                        "server",
+                        message_id=rep.metadata.reply_to_message_id,
+                        phase=phase,
+                        round=rnd,
+                        site=site,
+                        t_push=t_push,
+                        t_reply=time.time(),
+                    )
                 self._log("up", phase, rnd, site, rep)
                 if rep.has_error():
                     # the site itself answered (its ClientApp raised) or the SuperLink

@@ -42,6 +42,7 @@ from medlora_lib.errors import ConfigError, DataError
 __all__ = [
     "SiteStateStore",
     "atomic_write_tensors",
+    "atomic_write_many",
     "read_tensors",
     "swap_dir",
     "KEEP_ROUNDS",
@@ -51,16 +52,39 @@ KEEP_ROUNDS = 2
 _ROUND_RE = re.compile(r"^round-(\d{4,})$")
 
 
-def atomic_write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """``save_file`` to a temporary name, fsync, rename into place."""
+def atomic_write_tensors(
+    path: Path, tensors: dict[str, torch.Tensor], durable: bool = True
+) -> None:
+    """``save_file`` to a temporary name, fsync (``durable``), rename into place.
+
+    Without ``durable`` the file is still never torn (a killed process leaves the old
+    file or the new one), but a power cut may lose the newest version.
+    """
+    atomic_write_many({path: tensors}, durable=durable)
+
+
+def atomic_write_many(
+    files: dict[Path, dict[str, torch.Tensor]], durable: bool = True
+) -> None:
+    """:func:`atomic_write_tensors` for several files: every file is written first and
+    then fsynced (``durable``), so one journal commit carries them all (two fsyncs in a
+    row cost about one), then each is renamed into place."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    staged = []
+    for path, tensors in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp)
+        )
+        staged.append((tmp, path))
+    if durable:
+        for tmp, _ in staged:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+    for tmp, path in staged:
+        os.replace(tmp, path)
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -183,9 +207,10 @@ class SiteStateStore:
         optimiser moments the site keeps, ``train.optimizer_state``)."""
         d = self.run_dir(run_key)
         with _staged(d, f"round-{rnd:04d}") as tmp:
-            atomic_write_tensors(tmp / "private.safetensors", private)
+            files = {tmp / "private.safetensors": private}
             if optimizer:
-                atomic_write_tensors(tmp / "optimizer.safetensors", optimizer)
+                files[tmp / "optimizer.safetensors"] = optimizer
+            atomic_write_many(files)
             _write_json(
                 tmp / "round.json", {"round": rnd, "site": self.site, **(meta or {})}
             )
@@ -227,11 +252,22 @@ class SiteStateStore:
         meta: dict[str, Any],
         model: Any = None,
     ) -> Path:
-        """Write the model the site uses (``which``: ``last`` or ``best``)."""
+        """Write the model the site uses (``which``: ``last`` or ``best``).
+
+        ``best`` is fsynced; ``last`` — rewritten by every message, and made of the
+        global state the server checkpoints and the site's fsynced round state — is
+        atomic only (a power cut may lose the newest copy, never tear it; ~4 fsyncs a
+        message saved, ``benchmarks/bench_federation.py --trace``).
+        """
         d = self.run_dir(run_key)
         with _staged(d, f"deployed-{which}") as tmp:
-            atomic_write_tensors(tmp / "shared.safetensors", shared)
-            atomic_write_tensors(tmp / "private.safetensors", private)
+            atomic_write_many(
+                {
+                    tmp / "shared.safetensors": shared,
+                    tmp / "private.safetensors": private,
+                },
+                durable=which != "last",
+            )
             if model is not None:
                 from medlora_lib.adapters import save_local_adapter
 
