@@ -114,34 +114,53 @@ PART_HELP = {
 }
 
 
-def _trace(cfg, profile: str, rounds: int | None, extra: list[str]) -> int:
-    """Where a round's time goes (``fl/trace.py``): one simulation with one client at a
-    time, traced message by message, beside the plain loop's s / round of the same
-    experiment, both printed as ms per round (median over rounds after the first)."""
+def _trace(cfg, profile: str, rounds: int | None, extra: list[str], pairs: int) -> int:
+    """Where a round's time goes (``fl/trace.py``): ``pairs`` alternations of the plain
+    loop (a fresh child) and one simulation with one client at a time, traced message
+    by message; every figure is ms per round (median over rounds after the first, then
+    over the pairs), so the machine's drift falls on both alike."""
     import tempfile
 
     from medlora_lib.fl import simulate
     from medlora_lib.fl.trace import ENV, breakdown, per_round, read_trace
 
-    plain = _in_child((profile, [cfg.method], rounds, extra))["methods"][cfg.method]
-    with tempfile.TemporaryDirectory(prefix="medlora-trace-") as d:
-        os.environ[ENV] = d
-        try:
-            [r] = simulate([cfg], verbose=False, max_parallel=1)
-        finally:
-            os.environ.pop(ENV, None)
-        msgs = breakdown(read_trace(d))
-    msgs = msgs[msgs["phase"] != "query"]
-    rounds_df = per_round(msgs)
-    rounds_df = rounds_df[rounds_df["round"] > rounds_df["round"].min()]  # 1: builds
-    per = rounds_df.groupby("round")[["wall", *PARTS]].sum()
-    med = per.median() * 1e3
-    flower_round = r.seconds_per_round()
-    plain_round = plain["plain_s_per_round"]
+    meds, flower_rounds, plain_rounds = [], [], []
+    n_msgs = n_sites = 0
+    span = ""
+    for i in range(pairs):
+        plain = _in_child((profile, [cfg.method], rounds, extra))["methods"][cfg.method]
+        plain_rounds.append(plain["plain_s_per_round"])
+        with tempfile.TemporaryDirectory(prefix="medlora-trace-") as d:
+            os.environ[ENV] = d
+            try:
+                [r] = simulate([cfg], verbose=False, max_parallel=1)
+            finally:
+                os.environ.pop(ENV, None)
+            msgs = breakdown(read_trace(d))
+        msgs = msgs[msgs["phase"] != "query"]
+        rounds_df = per_round(msgs)
+        rounds_df = rounds_df[
+            rounds_df["round"] > rounds_df["round"].min()
+        ]  # 1: builds
+        per = rounds_df.groupby("round")[["wall", *PARTS]].sum()
+        meds.append(per.median() * 1e3)
+        flower_rounds.append(r.seconds_per_round())
+        n_msgs, n_sites = len(msgs), msgs["site"].nunique()
+        span = f"{int(per.index.min())}..{int(per.index.max())}"
+        print(
+            f"pair {i + 1}: plain loop {plain_rounds[-1]:.3f} s / round, Flower "
+            f"{flower_rounds[-1]:.3f} s / round (share "
+            f"{1 - plain_rounds[-1] / flower_rounds[-1]:.1%}), traced wall "
+            f"{meds[-1]['wall']:.0f} ms, idle {meds[-1]['idle']:.1f} ms",
+            flush=True,
+        )
+    med = pd.DataFrame(meds).median()
+    flower_round = float(pd.Series(flower_rounds).median())
+    plain_round = float(pd.Series(plain_rounds).median())
     print(
-        f"{cfg.method} at {profile}, {cfg.fed.num_rounds} rounds, one client at a time; "
-        f"{len(msgs)} traced messages, {msgs['site'].nunique()} sites; ms per round, "
-        f"median over rounds {int(per.index.min())}..{int(per.index.max())}:"
+        f"{cfg.method} at {profile}, {cfg.fed.num_rounds} rounds, one client at a time, "
+        f"{pairs} pair(s); {n_msgs} traced messages a run, {n_sites} sites; ms per round, "
+        f"median over rounds {span} and the pairs:"
     )
     for k in ("wall", *PARTS):
         print(f"  {k:14s} {med[k]:8.1f}  {PART_HELP.get(k, '')}")
@@ -178,6 +197,13 @@ def main(argv: list[str] | None = None) -> int:
         help="only the per-message breakdown of the first federated method (one "
         "client at a time, fl/trace.py) beside the plain loop's s / round",
     )
+    ap.add_argument(
+        "--pairs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with --trace: N alternating (plain loop, traced simulation) pairs",
+    )
     args = ap.parse_args(argv)
     profile = "smoke" if args.smoke else args.profile
     rounds = args.rounds if args.rounds is not None else (2 if args.smoke else None)
@@ -201,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m for m in args.methods if m in ALL]
     fed = [m for m in methods if m in FEDERATED_METHODS]
     if args.trace:
-        return _trace(_config(profile, fed[0], rounds, extra), profile, rounds, extra)
+        return _trace(
+            _config(profile, fed[0], rounds, extra), profile, rounds, extra, args.pairs
+        )
     if args.sweep_ab:
         return _sweep_ab(_config(profile, fed[0], rounds, extra), args.sweep_ab)
 
