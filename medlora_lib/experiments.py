@@ -542,7 +542,8 @@ def run_new_site_joins(
     (chapter ``07_beyond_the_paper``): trained **alone** (``local`` of the main
     comparison), the final global adapter and head deployed as they are (**zero-shot**),
     its own local adapter and head trained on the frozen global adapter (**join**,
-    :func:`medlora_lib.fl.newsite.join_new_site`), and Med-DualLoRA with it a
+    :func:`medlora_lib.fl.newsite.join_new_site`; the joins in worker processes,
+    :func:`~medlora_lib.fl.newsite.join_new_sites`), and Med-DualLoRA with it a
     **member from the start** (main comparison). Works on real data too (the sites are
     those of the prepared folder).
 
@@ -560,7 +561,7 @@ def run_new_site_joins(
     import pandas as pd
 
     from medlora_lib.fl import simulate
-    from medlora_lib.fl.newsite import join_new_site
+    from medlora_lib.fl.newsite import join_new_sites
 
     fed_cfgs, ref_cfgs = new_site_join_configs(profile, newcomers, seeds, overrides)
     results = list(
@@ -572,10 +573,14 @@ def run_new_site_joins(
     ref = {
         (r.config.method, r.config.seed): r.selected().set_index("client") for r in refs
     }
+    # the joins in worker processes: one core would idle otherwise (issue 12)
+    joined_all = join_new_sites(
+        [(fed, cfg.fed.exclude[0]) for cfg, fed in zip(fed_cfgs, feds, strict=True)],
+        verbose=verbose,
+    )
     rows = []
-    for cfg, fed in zip(fed_cfgs, feds, strict=True):
+    for cfg, (joined, zero) in zip(fed_cfgs, joined_all, strict=True):
         v, s = cfg.fed.exclude[0], cfg.seed
-        joined, zero = join_new_site(fed, v, verbose=verbose)
         sel = joined.selected().set_index("client").loc[v]
         alone = ref[("local", s)].loc[v]
         member = ref[("med_dual_lora", s)].loc[v]

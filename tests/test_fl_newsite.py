@@ -67,3 +67,45 @@ def test_join_refuses_bad_inputs(federation):
             _cfg(exclude=("Siemens", "Philips", "GE", "Canon"), rounds=1),
             runtime="inprocess",
         )
+
+
+def test_joins_in_worker_processes_give_the_numbers_of_one_process():
+    """Chapter 07's joins run in worker processes (``join_new_sites``): the same rows,
+    zero-shot metrics and final state as one after the other in this process."""
+    import pandas as pd
+
+    from medlora_lib.fl.newsite import join_new_sites
+    from medlora_lib.fl.simulate import worker_count
+
+    small = {  # the cpu profile (so the worker rule applies) on smoke-sized data
+        "data.image_size": [32, 32, 8],
+        "data.spacing": [4.5, 4.5, 10.0],
+        "data.scale": 0.06,
+        "fed.num_rounds": 2,
+        "fed.allow_single_class": True,
+    }
+    cfgs = [
+        get_config(
+            "cpu",
+            method="med_dual_lora",
+            seed=s,
+            overrides={**small, "fed.exclude": [v]},
+        )
+        for v, s in (("Canon", 0), ("GE", 1))
+    ]
+    if worker_count(cfgs) < 2:
+        pytest.skip("one CPU: nothing runs in parallel")
+    feds = simulate(cfgs, runtime="inprocess", verbose=False)
+    jobs = [(f, c.fed.exclude[0]) for f, c in zip(feds, cfgs, strict=True)]
+    one = join_new_sites(jobs, max_parallel=1)
+    many = join_new_sites(jobs)
+    timing = {"train_seconds", "elapsed_s"}
+    for (a, za), (b, zb), (_, v) in zip(one, many, jobs, strict=True):
+        assert list(b.rounds["client"].unique()) == [v]
+        cols = [c for c in a.rounds.columns if c not in timing]
+        pd.testing.assert_frame_equal(a.rounds[cols], b.rounds[cols])
+        assert za == zb
+        for k in a.final_shared:
+            assert torch.equal(a.final_shared[k], b.final_shared[k]), k
+    with pytest.raises(ConfigError, match="took part"):  # raised again from a worker
+        join_new_sites([(feds[0], "Siemens"), (feds[1], "Siemens")])

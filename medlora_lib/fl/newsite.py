@@ -27,7 +27,7 @@ import torch
 from medlora_lib.config import ExperimentConfig
 from medlora_lib.errors import ConfigError
 
-__all__ = ["join_new_site"]
+__all__ = ["join_new_site", "join_new_sites"]
 
 
 def _is_global_lora(name: str) -> bool:
@@ -128,3 +128,52 @@ def join_new_site(
         final_shared=shared,
     )
     return result, zero_shot
+
+
+def join_new_sites(
+    joins: list[tuple[Any, str]],
+    verbose: bool = False,
+    max_parallel: int | None = None,
+) -> list[tuple[Any, dict[str, float]]]:
+    """:func:`join_new_site` for each ``(federation, newcomer)`` of ``joins``, in worker
+    processes where the cores allow (chapter ``07_beyond_the_paper``'s 12 joins; the rule
+    of :func:`medlora_lib.fl.simulate.worker_count`: ``cpu``-profile joins on a CPU,
+    ``max_parallel`` caps it, 1 = one after the other in this process). Each join seeds
+    itself and sets its own thread count, so the numbers are those of the one-process
+    loop (tested).
+
+    Returns:
+        ``(result, zero_shot)`` per join, in the order of ``joins``.
+
+    Raises:
+        ConfigError: as :func:`join_new_site` (raised here again from a worker).
+    """
+    from medlora_lib.fl.inprocess_worker import WorkerCall, read_call
+    from medlora_lib.fl.simulate import run_in_workers, worker_count
+
+    joins = list(joins)
+    workers = worker_count([fed.config for fed, _ in joins], max_parallel)
+    if workers <= 1:
+        return [join_new_site(fed, v, verbose=verbose) for fed, v in joins]
+    import shutil
+    import tempfile
+
+    from medlora_lib.config import default_cache_dir
+
+    default_cache_dir().mkdir(parents=True, exist_ok=True)
+    outs = Path(tempfile.mkdtemp(prefix="medlora-joins-", dir=default_cache_dir()))
+    try:
+        calls = [
+            WorkerCall(
+                "medlora_lib.fl.newsite:join_new_site",
+                (fed, v, verbose),
+                outs / f"join-{i}.pkl",
+            )
+            for i, (fed, v) in enumerate(joins)
+        ]
+        if verbose:
+            print(f"[join] {len(calls)} joins in {workers} worker processes")
+        run_in_workers([calls[k::workers] for k in range(workers)])
+        return [read_call(c) for c in calls]
+    finally:
+        shutil.rmtree(outs, ignore_errors=True)

@@ -28,6 +28,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -54,6 +55,8 @@ __all__ = [
     "plan",
     "run_inprocess",
     "inprocess_workers",
+    "worker_count",
+    "run_in_workers",
     "build_result",
     "cache_path",
     "select_rounds",
@@ -253,49 +256,41 @@ def inprocess_workers(planned: list[Planned], max_parallel: int | None = None) -
     the device busy and a second would double the host memory. ``max_parallel`` caps it
     (1 = one after the other, in this process).
     """
+    return worker_count([p.cfg for p in planned], max_parallel)
+
+
+def worker_count(
+    configs: list[ExperimentConfig], max_parallel: int | None = None
+) -> int:
+    """:func:`inprocess_workers`'s rule for any in-process jobs, one per config (an
+    experiment, or chapter 07's join of a new site, ``fl.newsite.join_new_sites``)."""
     from medlora_lib.train import resolve_device
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-    limit = min(len(planned), cores, max_parallel or cores)
+    limit = min(len(configs), cores, max_parallel or cores)
     if limit < 2:
         return 1
     if any(
-        p.cfg.profile != "cpu" or resolve_device(p.cfg.train.device).type != "cpu"
-        for p in planned
+        c.profile != "cpu" or resolve_device(c.train.device).type != "cpu"
+        for c in configs
     ):
         return 1
     return limit
 
 
-def _run_inprocess_all(
-    todo: list[tuple[int, Planned]],
-    save: bool,
-    verbose: bool,
-    max_parallel: int | None,
-) -> dict[int, RunResult]:
-    """Run the in-process experiments, in this process or in a pool of worker processes
-    (:func:`inprocess_workers`, :mod:`medlora_lib.fl.inprocess_worker`); the same numbers
-    either way (each run seeds itself and sets its own thread count). A worker saves its
-    results to their run folders (the cache entry, or a scratch folder) and this process
-    reads them back; a run's error is raised here again. Ctrl-C or an error stops every
-    worker."""
-    workers = inprocess_workers([p for _, p in todo], max_parallel)
-    out: dict[int, RunResult] = {}
-    if workers <= 1:
-        for i, p in todo:
-            res = run_inprocess(p, verbose)
-            if save:
-                res.save(p.run_dir)
-            out[i] = res
-        return out
+def run_in_workers(chunks: list[list[Any]]) -> None:
+    """Run each chunk of jobs in its own worker process
+    (:mod:`medlora_lib.fl.inprocess_worker`: a :class:`Planned` experiment saves its
+    result to its run folder, a :class:`~medlora_lib.fl.inprocess_worker.WorkerCall`
+    pickles its return value to its ``out`` file) and wait for all. A job's error is
+    raised here again, with its type; an error or Ctrl-C stops every worker."""
     import pickle
     import subprocess
     import sys
 
     from medlora_lib.config import default_cache_dir
 
-    if verbose:
-        print(f"[simulate] {len(todo)} in-process runs in {workers} worker processes")
+    default_cache_dir().mkdir(parents=True, exist_ok=True)
     jobs = Path(tempfile.mkdtemp(prefix="medlora-inprocess-", dir=default_cache_dir()))
     # the workers import this very library, installed or not (a script's sys.path)
     here = str(Path(__file__).resolve().parents[2])
@@ -307,9 +302,9 @@ def _run_inprocess_all(
     }
     procs: list[tuple[Path, subprocess.Popen]] = []
     try:
-        for k in range(workers):  # round robin: experiments of one kind cost alike
+        for k, chunk in enumerate(chunks):
             job = jobs / f"worker-{k}.pkl"
-            job.write_bytes(pickle.dumps([p for _, p in todo[k::workers]]))
+            job.write_bytes(pickle.dumps(chunk))
             cmd = [sys.executable, "-m", "medlora_lib.fl.inprocess_worker", str(job)]
             procs.append((job, subprocess.Popen(cmd, env=env)))
         for job, proc in procs:
@@ -330,6 +325,32 @@ def _run_inprocess_all(
         raise
     finally:
         shutil.rmtree(jobs, ignore_errors=True)
+
+
+def _run_inprocess_all(
+    todo: list[tuple[int, Planned]],
+    save: bool,
+    verbose: bool,
+    max_parallel: int | None,
+) -> dict[int, RunResult]:
+    """Run the in-process experiments, in this process or in a pool of worker processes
+    (:func:`inprocess_workers`, :func:`run_in_workers`); the same numbers either way
+    (each run seeds itself and sets its own thread count). A worker saves its results to
+    their run folders (the cache entry, or a scratch folder) and this process reads them
+    back; a run's error is raised here again. Ctrl-C or an error stops every worker."""
+    workers = inprocess_workers([p for _, p in todo], max_parallel)
+    out: dict[int, RunResult] = {}
+    if workers <= 1:
+        for i, p in todo:
+            res = run_inprocess(p, verbose)
+            if save:
+                res.save(p.run_dir)
+            out[i] = res
+        return out
+    if verbose:
+        print(f"[simulate] {len(todo)} in-process runs in {workers} worker processes")
+    # round robin: experiments of one kind cost alike
+    run_in_workers([[p for _, p in todo[k::workers]] for k in range(workers)])
     for i, p in todo:
         out[i] = RunResult.load(p.run_dir)
         if verbose:
