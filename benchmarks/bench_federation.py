@@ -173,6 +173,59 @@ def _trace(cfg, profile: str, rounds: int | None, extra: list[str], pairs: int) 
     return 0
 
 
+def _trace_parallel(cfg, profile: str) -> int:
+    """How busy the actors are when the simulation runs as users run it (one client per
+    CPU at a time): per round, each actor's handler time against the round's wall time;
+    the rest is the round's barrier (a fast site waits for a slow one), the server's
+    aggregation and the hand-offs."""
+    import tempfile
+
+    from medlora_lib.fl import simulate
+    from medlora_lib.fl.trace import ENV, breakdown, read_trace
+
+    with tempfile.TemporaryDirectory(prefix="medlora-trace-") as d:
+        os.environ[ENV] = d
+        try:
+            [r] = simulate([cfg], verbose=False)
+        finally:
+            os.environ.pop(ENV, None)
+        msgs = breakdown(read_trace(d))
+    msgs = msgs[msgs["phase"] != "query"].copy()
+    msgs["busy"] = msgs["t_exit"] - msgs["t_enter"]
+    actors = int(msgs["pid"].nunique())
+    rows = []
+    for rnd, g in msgs.groupby("round"):
+        wall = sum(
+            float(h["t_reply"].max() - h["t_push"].min()) for _, h in g.groupby("phase")
+        )
+        busy = g.groupby("pid")["busy"].sum()
+        rows.append(
+            {
+                "round": rnd,
+                "wall": wall,
+                "busy_per_actor": float(busy.sum()) / actors,
+                "busiest": float(busy.max()),
+                "compute": float(g["compute"].sum()) / actors,
+            }
+        )
+    per = pd.DataFrame(rows).set_index("round")
+    per = per[per.index > per.index.min()]  # round 1 builds the runtimes
+    med = per.median() * 1e3
+    print(
+        f"{cfg.method} at {profile}, {cfg.fed.num_rounds} rounds, {actors} actors (one "
+        f"client per CPU); ms per round, median over rounds "
+        f"{int(per.index.min())}..{int(per.index.max())}: wall {med['wall']:.0f}, "
+        f"handler time per actor {med['busy_per_actor']:.0f} (compute "
+        f"{med['compute']:.0f}), the busiest actor {med['busiest']:.0f}"
+    )
+    print(
+        f"the actors are busy {med['busy_per_actor'] / med['wall']:.1%} of a round; "
+        f"the busiest {med['busiest'] / med['wall']:.1%}; Flower s / round "
+        f"{r.seconds_per_round():.3f}"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="smoke profile, 2 rounds")
@@ -196,6 +249,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only the per-message breakdown of the first federated method (one "
         "client at a time, fl/trace.py) beside the plain loop's s / round",
+    )
+    ap.add_argument(
+        "--trace-parallel",
+        action="store_true",
+        help="only how busy the actors are in a simulation run as users run it (one "
+        "client per CPU, the first federated method, fl/trace.py)",
     )
     ap.add_argument(
         "--pairs",
@@ -226,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     )  # data made once, not timed
     methods = [m for m in args.methods if m in ALL]
     fed = [m for m in methods if m in FEDERATED_METHODS]
+    if args.trace_parallel:
+        return _trace_parallel(_config(profile, fed[0], rounds, extra), profile)
     if args.trace:
         return _trace(
             _config(profile, fed[0], rounds, extra), profile, rounds, extra, args.pairs

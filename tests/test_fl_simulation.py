@@ -36,14 +36,51 @@ def _cfg(method: str, rounds: int = 1, seed: int = 0):
     )
 
 
+_TRACE: dict = {}
+
+
 @pytest.fixture(scope="module")
-def runs():
+def runs(tmp_path_factory):
+    import os
+
+    from medlora_lib.fl import trace
+
     configs = [_cfg(m) for m in FEDERATED_METHODS if m != "med_dual_lora"]
     # 3 rounds: round 3's train message is the first to carry a site's best validation
     # value of its earlier rounds (test-above, train.test_every_round=false)
     configs += [_cfg("med_dual_lora", 3)]
-    results = simulate(configs, record_messages=True, verbose=False)
+    traced = tmp_path_factory.mktemp("trace")
+    os.environ[trace.ENV] = str(traced)  # the per-message trace (fl/trace.py), too
+    try:
+        results = simulate(configs, record_messages=True, verbose=False)
+    finally:
+        os.environ.pop(trace.ENV, None)
+    _TRACE["dir"] = traced
     return results, configs
+
+
+def test_the_trace_has_every_message_of_every_run(runs):
+    """fl/trace.py through real processes: one row per message that came back, joined
+    across the flwr-simulation process and the Ray actors."""
+    from medlora_lib.fl.trace import breakdown, per_round, read_trace
+
+    results, _ = runs
+    msgs = breakdown(read_trace(_TRACE["dir"]))
+    assert set(msgs["run"]) >= {r.exp_id for r in results}
+    for r in results:
+        came_back = [
+            m
+            for m in r.messages
+            if m["direction"] == "up" and "error" not in m and m["phase"] != "query"
+        ]
+        mine = msgs[(msgs["run"] == r.exp_id) & (msgs["phase"] != "query")]
+        assert len(mine) == len(came_back), r.method
+        assert set(mine["site"]) == set(r.rounds["client"])
+    train = msgs[msgs["phase"] == "train"]
+    assert (train["compute"] > 0).all() and (train["state"] > 0).all()
+    assert (msgs[["down", "up", "handler_other"]] > -0.01).all().all()
+    rounds = per_round(msgs)
+    assert ((rounds["idle"] >= 0) & (rounds["idle"] <= rounds["wall"])).all()
 
 
 @pytest.fixture(scope="module")

@@ -163,6 +163,7 @@ class GridSites:
                     trace.record(
                         "server",
                         message_id=rep.metadata.reply_to_message_id,
+                        run=self.strategy.run_key,
                         phase=phase,
                         round=rnd,
                         site=site,

@@ -60,12 +60,13 @@ def read_trace(d: str | Path) -> list[dict[str, Any]]:
 def breakdown(records: list[dict[str, Any]]) -> Any:
     """One row per message that went down and came back, with where its time went.
 
-    Columns: ``phase``, ``round``, ``site``, ``total`` (push to reply received, at the
+    Columns: ``run`` (the experiment's run key), ``phase``, ``round``, ``site``, ``total`` (push to reply received, at the
     server), ``down`` (push to handler entry: the Simulation Runtime's sweep, Ray's
     hand-off and Flower's message handling in the actor, or the SuperNode's pull),
     ``compute`` (training + evaluation inside the handler), ``state`` (the site's state
     writes), ``handler_other`` (the rest of the handler: loading state, building
-    records), ``up`` (handler exit to the reply's arrival at the server) — all seconds.
+    records), ``up`` (handler exit to the reply's arrival at the server) — all seconds —
+    and ``pid``, the process that handled it (a Ray actor, a SuperNode's ClientApp).
     Messages without a handler record (a site that failed or was away) are left out.
 
     Raises:
@@ -84,6 +85,7 @@ def breakdown(records: list[dict[str, Any]]) -> Any:
         handler = r["t_exit"] - r["t_enter"]
         rows.append(
             {
+                "run": s.get("run"),
                 "phase": s["phase"],
                 "round": s["round"],
                 "site": s["site"],
@@ -97,6 +99,7 @@ def breakdown(records: list[dict[str, Any]]) -> Any:
                 "t_enter": r["t_enter"],
                 "t_exit": r["t_exit"],
                 "t_reply": s["t_reply"],
+                "pid": r.get("pid"),
             }
         )
     if not rows:
