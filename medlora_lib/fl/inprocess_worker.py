@@ -5,10 +5,11 @@ Chapters ``02_single_site_baseline`` / ``03_fedavg_lora`` / ``07_beyond_the_pape
 ``JOB``: a :class:`~medlora_lib.fl.simulate.Planned` experiment is run with
 :func:`~medlora_lib.fl.simulate.run_inprocess` and its result saved to its run folder
 (atomic files); a :class:`WorkerCall` (chapter 07's joins of a new site) calls its
-function and pickles the return value to its ``out`` file (atomic). On an error it pickles the exception to ``JOB.err`` (the caller raises
-it again) and exits 1. A module of its own, started with ``subprocess``, so that it never
-re-imports the caller's ``__main__`` (a script without an ``if __name__ ==
-"__main__"`` guard stays safe, unlike a ``multiprocessing`` spawn).
+function and pickles the return value to its ``out`` file (atomic). On an error it
+pickles the exception to ``JOB.err`` (the caller raises it again) and exits 1. A module
+of its own, started with ``subprocess``, so that it never re-imports the caller's
+``__main__`` (a script without an ``if __name__ == "__main__"`` guard stays safe,
+unlike a ``multiprocessing`` spawn).
 """
 
 from __future__ import annotations
