@@ -38,6 +38,7 @@ def test_vendor_shift_is_zero_for_one_distribution_and_large_for_a_shifted_one()
     assert w2.loc["Siemens", "Canon"] > 0.1 and ba2 > 0.9
 
 
+@pytest.mark.slow
 def test_the_sweep_uses_the_generators_own_preprocessed_subjects():
     """The records the sweep reads are what the chapter's earlier loop made
     (generate_cohort + preprocess_case), for one worker and for two."""
