@@ -57,8 +57,9 @@ def atomic_write_tensors(
 ) -> None:
     """``save_file`` to a temporary name, fsync (``durable``), rename into place.
 
-    Without ``durable`` the file is still never torn (a killed process leaves the old
-    file or the new one), but a power cut may lose the newest version.
+    Without ``durable`` a killed process still leaves the old file or the new one,
+    never a torn one; after a power cut the newest version may be lost or, on a
+    filesystem that does not flush a file renamed over another, empty.
     """
     atomic_write_many({path: tensors}, durable=durable)
 
@@ -256,8 +257,11 @@ class SiteStateStore:
 
         ``best`` is fsynced; ``last`` — rewritten by every message, and made of the
         global state the server checkpoints and the site's fsynced round state — is
-        atomic only (a power cut may lose the newest copy, never tear it; ~4 fsyncs a
-        message saved, ``benchmarks/bench_federation.py --trace``).
+        atomic only: a killed process leaves the old copy or the new one, but after a
+        power cut, on a filesystem that does not flush a file renamed over another,
+        the newest copy may be lost or empty (``medlora export`` then names the file,
+        and the next message rewrites it). ~4 fsyncs a message saved,
+        ``benchmarks/bench_federation.py --trace``.
         """
         d = self.run_dir(run_key)
         with _staged(d, f"deployed-{which}") as tmp:
