@@ -21,11 +21,15 @@ What it does, per notebook, in one run:
    in process (``simulate(..., runtime="inprocess")``, the same round code as the Flower
    apps) for one round. The one-time part (building the sites' runtimes, i.e. the
    frozen-prefix cache) is counted apart and the round's part is multiplied by the
-   notebook's rounds: at the ``cpu`` profile every round trains the same steps and
-   evaluates the same splits (``train.patience=0``: no early stop). Replicates differ
-   only in seed (same split sizes), so one seed per experiment group is counted and
-   multiplied by the group's seeds (``--all-seeds`` counts each one); checked: the
-   round part is linear in the rounds and equal across seeds. A frozen prefix is counted
+   notebook's rounds: at the ``cpu`` profile every round trains the same steps
+   (``train.patience=0``: no early stop) and evaluates the validation split. The
+   counted round is a run's last, whose test split is always evaluated; in the book a
+   middle round evaluates it only when its validation value beats the earlier rounds'
+   (``fl.federation.plan_test_evaluations``), so the count is an upper bound by at most
+   the test split's evaluations (the floor a little high, the ratio a little low).
+   Replicates differ only in seed (same split sizes), so one seed per experiment group
+   is counted and multiplied by the group's seeds (``--all-seeds`` counts each one);
+   checked: the round part is linear in the rounds and equal across seeds. A frozen prefix is counted
    once per data set and replicate split (the benchmark's process keeps it for the
    experiments that share it; the book's processes may build it more than once).
 3. **Kernel speed**: one training step (forward + backward, batch ``train.batch_size``)
