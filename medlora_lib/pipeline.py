@@ -37,6 +37,7 @@ __all__ = [
     "build_model",
     "adapter_config",
     "finetune_pooled",
+    "calibration_runs",
 ]
 
 
@@ -422,3 +423,47 @@ def finetune_pooled(
         "y_true": np.concatenate(all_y),
         "prob": np.concatenate(all_p),
     }
+
+
+def calibration_runs(
+    cfg: ExperimentConfig,
+    clients: dict[str, ClientData],
+    epochs: int,
+    seeds: Any,
+    max_parallel: int | None = None,
+) -> Any:
+    """Chapter ``01_data_and_vendor_heterogeneity``'s centralised reference:
+    :func:`finetune_pooled` once per seed, in worker processes where the cores allow
+    (the rule of :func:`medlora_lib.fl.simulate.worker_count`: ``cpu``-profile runs on a
+    CPU; ``max_parallel=1`` keeps them in this process). Each run seeds itself and sets
+    its own thread count, so the numbers do not depend on where it ran (tested).
+
+    Returns:
+        One row per seed: ``seed``, ``best epoch``, the pooled test split's
+        ``balanced_accuracy``, ``sensitivity``, ``specificity`` and ``auc``, and
+        ``seconds`` (the fine-tuning's own).
+    """
+    from medlora_lib.fl.simulate import map_in_workers, worker_count
+
+    seeds = [int(s) for s in seeds]
+    workers = worker_count([cfg] * len(seeds), max_parallel)
+    results = map_in_workers(
+        "medlora_lib.pipeline:finetune_pooled",
+        [(cfg, clients, epochs, s, False) for s in seeds],
+        workers,
+    )
+    rows = []
+    for s, res in zip(seeds, results, strict=True):
+        pooled = res["test"].set_index("client").loc["pooled"]
+        rows.append(
+            {
+                "seed": s,
+                "best epoch": res["best_epoch"],
+                **{
+                    k: pooled[k]
+                    for k in ("balanced_accuracy", "sensitivity", "specificity", "auc")
+                },
+                "seconds": res["seconds"],
+            }
+        )
+    return pd.DataFrame(rows)

@@ -57,3 +57,34 @@ def test_real_data_dir_errors(smoke_dir, tmp_path, monkeypatch):
     assert resolve_data_dir(get_config("smoke")) == smoke_dir
     with pytest.raises(ConfigError, match="data.image_size"):
         resolve_data_dir(get_config("cpu"))
+
+
+@pytest.mark.slow
+def test_calibration_runs_in_workers_give_the_numbers_of_one_process():
+    """Chapter 01's centralised reference, one run per seed: in two worker processes
+    (the cpu rule) the same rows as one after the other in this process."""
+    import pandas as pd
+
+    from medlora_lib.fl.simulate import worker_count
+    from medlora_lib.pipeline import calibration_runs
+
+    cfg = get_config(
+        "cpu",
+        overrides={
+            "data.image_size": [32, 32, 8],
+            "data.spacing": [4.5, 4.5, 10.0],
+            "data.scale": 0.06,
+        },
+    )
+    if worker_count([cfg, cfg]) < 2:
+        pytest.skip("one CPU: nothing runs in parallel")
+    clients, _ = load_client_data(resolve_data_dir(cfg, verbose=False))
+    one = calibration_runs(cfg, clients, epochs=2, seeds=[0, 1], max_parallel=1)
+    two = calibration_runs(cfg, clients, epochs=2, seeds=[0, 1])
+    assert list(one.columns) == [
+        "seed", "best epoch", "balanced_accuracy", "sensitivity", "specificity",
+        "auc", "seconds",
+    ]  # fmt: skip
+    cols = [c for c in one.columns if c != "seconds"]
+    pd.testing.assert_frame_equal(one[cols], two[cols])
+    assert (one["seconds"] > 0).all()

@@ -148,32 +148,14 @@ def join_new_sites(
     Raises:
         ConfigError: as :func:`join_new_site` (raised here again from a worker).
     """
-    from medlora_lib.fl.inprocess_worker import WorkerCall, read_call
-    from medlora_lib.fl.simulate import run_in_workers, worker_count
+    from medlora_lib.fl.simulate import map_in_workers, worker_count
 
     joins = list(joins)
     workers = worker_count([fed.config for fed, _ in joins], max_parallel)
-    if workers <= 1:
-        return [join_new_site(fed, v, verbose=verbose) for fed, v in joins]
-    import shutil
-    import tempfile
-
-    from medlora_lib.config import default_cache_dir
-
-    default_cache_dir().mkdir(parents=True, exist_ok=True)
-    outs = Path(tempfile.mkdtemp(prefix="medlora-joins-", dir=default_cache_dir()))
-    try:
-        calls = [
-            WorkerCall(
-                "medlora_lib.fl.newsite:join_new_site",
-                (fed, v, verbose),
-                outs / f"join-{i}.pkl",
-            )
-            for i, (fed, v) in enumerate(joins)
-        ]
-        if verbose:
-            print(f"[join] {len(calls)} joins in {workers} worker processes")
-        run_in_workers([calls[k::workers] for k in range(workers)])
-        return [read_call(c) for c in calls]
-    finally:
-        shutil.rmtree(outs, ignore_errors=True)
+    if verbose and workers > 1:
+        print(f"[join] {len(joins)} joins in {workers} worker processes")
+    return map_in_workers(
+        "medlora_lib.fl.newsite:join_new_site",
+        [(fed, v, verbose) for fed, v in joins],
+        workers,
+    )

@@ -57,6 +57,7 @@ __all__ = [
     "inprocess_workers",
     "worker_count",
     "run_in_workers",
+    "map_in_workers",
     "build_result",
     "cache_path",
     "select_rounds",
@@ -325,6 +326,36 @@ def run_in_workers(chunks: list[list[Any]]) -> None:
         raise
     finally:
         shutil.rmtree(jobs, ignore_errors=True)
+
+
+def map_in_workers(
+    function: str, args_list: list[tuple[Any, ...]], workers: int
+) -> list[Any]:
+    """``function(*args)`` (``"module:name"``) for each ``args`` of ``args_list``, in
+    ``workers`` worker processes (:func:`run_in_workers`, round robin) or, with
+    ``workers <= 1``, one after the other in this process; the return values in the
+    order of ``args_list``. Chapters 01 (the pooled calibration runs) and 07 (the joins
+    of a new site)."""
+    import importlib
+
+    from medlora_lib.config import default_cache_dir
+    from medlora_lib.fl.inprocess_worker import WorkerCall, read_call
+
+    if workers <= 1:
+        module, name = function.split(":")
+        fn = getattr(importlib.import_module(module), name)
+        return [fn(*args) for args in args_list]
+    default_cache_dir().mkdir(parents=True, exist_ok=True)
+    outs = Path(tempfile.mkdtemp(prefix="medlora-calls-", dir=default_cache_dir()))
+    try:
+        calls = [
+            WorkerCall(function, tuple(args), outs / f"call-{i}.pkl")
+            for i, args in enumerate(args_list)
+        ]
+        run_in_workers([calls[k::workers] for k in range(workers)])
+        return [read_call(c) for c in calls]
+    finally:
+        shutil.rmtree(outs, ignore_errors=True)
 
 
 def _run_inprocess_all(
