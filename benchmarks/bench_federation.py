@@ -114,15 +114,26 @@ PART_HELP = {
 }
 
 
+def _traced(cfg, max_parallel: int | None = None):
+    """One traced simulation of ``cfg``: its result and :func:`fl.trace.breakdown`'s
+    rows of its train / evaluate messages (the sites' hellos left out)."""
+    import tempfile
+
+    from medlora_lib.fl import simulate
+    from medlora_lib.fl.trace import breakdown, read_trace, tracing
+
+    with tempfile.TemporaryDirectory(prefix="medlora-trace-") as d, tracing(d):
+        [r] = simulate([cfg], verbose=False, max_parallel=max_parallel)
+        msgs = breakdown(read_trace(d))
+    return r, msgs[msgs["phase"] != "query"].copy()
+
+
 def _trace(cfg, profile: str, rounds: int | None, extra: list[str], pairs: int) -> int:
     """Where a round's time goes (``fl/trace.py``): ``pairs`` alternations of the plain
     loop (a fresh child) and one simulation with one client at a time, traced message
     by message; every figure is ms per round (median over rounds after the first, then
     over the pairs), so the machine's drift falls on both alike."""
-    import tempfile
-
-    from medlora_lib.fl import simulate
-    from medlora_lib.fl.trace import ENV, breakdown, per_round, read_trace
+    from medlora_lib.fl.trace import per_round
 
     meds, flower_rounds, plain_rounds = [], [], []
     n_msgs = n_sites = 0
@@ -130,14 +141,7 @@ def _trace(cfg, profile: str, rounds: int | None, extra: list[str], pairs: int) 
     for i in range(pairs):
         plain = _in_child((profile, [cfg.method], rounds, extra))["methods"][cfg.method]
         plain_rounds.append(plain["plain_s_per_round"])
-        with tempfile.TemporaryDirectory(prefix="medlora-trace-") as d:
-            os.environ[ENV] = d
-            try:
-                [r] = simulate([cfg], verbose=False, max_parallel=1)
-            finally:
-                os.environ.pop(ENV, None)
-            msgs = breakdown(read_trace(d))
-        msgs = msgs[msgs["phase"] != "query"]
+        r, msgs = _traced(cfg, max_parallel=1)
         rounds_df = per_round(msgs)
         rounds_df = rounds_df[
             rounds_df["round"] > rounds_df["round"].min()
@@ -178,19 +182,7 @@ def _trace_parallel(cfg, profile: str) -> int:
     CPU at a time): per round, each actor's handler time against the round's wall time;
     the rest is the round's barrier (a fast site waits for a slow one), the server's
     aggregation and the hand-offs."""
-    import tempfile
-
-    from medlora_lib.fl import simulate
-    from medlora_lib.fl.trace import ENV, breakdown, read_trace
-
-    with tempfile.TemporaryDirectory(prefix="medlora-trace-") as d:
-        os.environ[ENV] = d
-        try:
-            [r] = simulate([cfg], verbose=False)
-        finally:
-            os.environ.pop(ENV, None)
-        msgs = breakdown(read_trace(d))
-    msgs = msgs[msgs["phase"] != "query"].copy()
+    r, msgs = _traced(cfg)
     msgs["busy"] = msgs["t_exit"] - msgs["t_enter"]
     actors = int(msgs["pid"].nunique())
     rows = []

@@ -507,5 +507,8 @@ def test_trace_breakdown_and_idle_from_the_union_of_handler_intervals(
     assert trace.trace_dir() is None
     trace.record("server", message_id="x")  # off: nothing written
     assert len(trace.read_trace(tmp_path / "tr")) == 5
+    with trace.tracing(tmp_path / "on"):  # on for the block only
+        assert trace.trace_dir() == tmp_path / "on"
+    assert trace.trace_dir() is None
     with pytest.raises(ValueError, match="MEDLORA_TRACE_DIR"):
         trace.breakdown([])

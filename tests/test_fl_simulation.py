@@ -41,20 +41,15 @@ _TRACE: dict = {}
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    import os
-
-    from medlora_lib.fl import trace
+    from medlora_lib.fl.trace import tracing
 
     configs = [_cfg(m) for m in FEDERATED_METHODS if m != "med_dual_lora"]
     # 3 rounds: round 3's train message is the first to carry a site's best validation
     # value of its earlier rounds (test-above, train.test_every_round=false)
     configs += [_cfg("med_dual_lora", 3)]
     traced = tmp_path_factory.mktemp("trace")
-    os.environ[trace.ENV] = str(traced)  # the per-message trace (fl/trace.py), too
-    try:
+    with tracing(traced):  # the per-message trace (fl/trace.py), too
         results = simulate(configs, record_messages=True, verbose=False)
-    finally:
-        os.environ.pop(trace.ENV, None)
     _TRACE["dir"] = traced
     return results, configs
 

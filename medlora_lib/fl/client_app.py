@@ -326,9 +326,9 @@ def _selection(ctx: SiteContext, metrics: dict[str, float]) -> float | None:
     return None if v is None or v != v else float(v)
 
 
-_LAST_KEEP_S = [0.0]
 #: seconds of the message being handled spent on the model's own work (training,
-#: evaluation) and on the site's state writes (``fl/trace.py``)
+#: evaluation) and on the site's state writes (reset by :func:`_guard`; the trace of
+#: ``fl/trace.py`` and the train reply's ``state-seconds``)
 _SPENT = {"compute": 0.0, "state": 0.0}
 
 
@@ -383,8 +383,7 @@ def _evaluate_and_keep(
     best = store.best_metric(run_key)
     if value is not None and (best is None or value > best):
         store.save_deployed(run_key, "best", shared, current, meta, rt.model)
-    _LAST_KEEP_S[0] = time.perf_counter() - t0
-    _SPENT["state"] += _LAST_KEEP_S[0]
+    _SPENT["state"] += time.perf_counter() - t0
     return reported_metrics(ctx, metrics)
 
 
@@ -426,10 +425,9 @@ def train(msg: Message, context: Context, ctx: SiteContext) -> Message:
     # a deployed site says in its log which state it continues from
     private = _private_before(store, run_key, rnd, say=ctx.deployed)
     prev: dict[str, float] = {}
-    state_s = 0.0
+    state_before = _SPENT["state"]
     if bool(cfg.get("evaluate-first", False)):
         ev = _evaluate_and_keep(ctx, rt, store, run_key, rnd - 1, shared, private, cfg)
-        state_s += _LAST_KEEP_S[0]
         prev = {PREV_EVAL_PREFIX + k: float(v) for k, v in ev.items()}
     dp_state, meta = None, {}
     if ctx.cfg.privacy.dp_sgd:  # the site's DP-SGD accountant is private state too
@@ -463,10 +461,9 @@ def train(msg: Message, context: Context, ctx: SiteContext) -> Message:
         {"train_loss": out.train_loss, **meta},
         optimizer=out.optimizer,
     )
-    saved_s = time.perf_counter() - t0
-    state_s += saved_s
-    _SPENT["state"] += saved_s
+    _SPENT["state"] += time.perf_counter() - t0
     _SPENT["compute"] += out.seconds
+    state_s = _SPENT["state"] - state_before
     metrics = MetricRecord(
         {
             "num-examples": out.num_examples,

@@ -1,15 +1,16 @@
 """A worker process of :func:`medlora_lib.fl.simulate.simulate` for in-process runs.
 
-Chapters ``02_single_site_baseline`` / ``03_fedavg_lora`` / ``07_beyond_the_paper``.
-``python -m medlora_lib.fl.inprocess_worker JOB`` reads a pickled list of jobs from
-``JOB``: a :class:`~medlora_lib.fl.simulate.Planned` experiment is run with
+Chapters ``01_data_and_vendor_heterogeneity`` / ``02_single_site_baseline`` /
+``03_fedavg_lora`` / ``07_beyond_the_paper``. ``python -m
+medlora_lib.fl.inprocess_worker JOB`` reads a pickled list of jobs from ``JOB``: a
+:class:`~medlora_lib.fl.simulate.Planned` experiment is run with
 :func:`~medlora_lib.fl.simulate.run_inprocess` and its result saved to its run folder
-(atomic files); a :class:`WorkerCall` (chapter 07's joins of a new site) calls its
-function and pickles the return value to its ``out`` file (atomic). On an error it
-pickles the exception to ``JOB.err`` (the caller raises it again) and exits 1. A module
-of its own, started with ``subprocess``, so that it never re-imports the caller's
-``__main__`` (a script without an ``if __name__ == "__main__"`` guard stays safe,
-unlike a ``multiprocessing`` spawn).
+(atomic files); a :class:`WorkerCall` (chapter 01's calibration runs, chapter 07's joins
+of a new site) calls its function and pickles the return value to its ``out`` file
+(atomic). On an error it pickles the exception to ``JOB.err`` (the caller raises it
+again) and exits 1. A module of its own, started with ``subprocess``, so that it never
+re-imports the caller's ``__main__`` (a script without an ``if __name__ ==
+"__main__"`` guard stays safe, unlike a ``multiprocessing`` spawn).
 """
 
 from __future__ import annotations
@@ -23,6 +24,12 @@ from pathlib import Path
 from typing import Any
 
 
+def resolve(function: str) -> Any:
+    """The function ``"module:name"`` names."""
+    module, name = function.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 @dataclass(frozen=True)
 class WorkerCall:
     """``module:function`` called with ``args`` in a worker; its return value is pickled
@@ -33,8 +40,7 @@ class WorkerCall:
     out: Path
 
     def run(self) -> None:
-        module, name = self.function.split(":")
-        value = getattr(importlib.import_module(module), name)(*self.args)
+        value = resolve(self.function)(*self.args)
         tmp = self.out.with_name(f".{self.out.name}.tmp-{os.getpid()}")
         tmp.write_bytes(pickle.dumps(value))
         os.replace(tmp, self.out)

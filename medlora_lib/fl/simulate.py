@@ -336,14 +336,11 @@ def map_in_workers(
     ``workers <= 1``, one after the other in this process; the return values in the
     order of ``args_list``. Chapters 01 (the pooled calibration runs) and 07 (the joins
     of a new site)."""
-    import importlib
-
     from medlora_lib.config import default_cache_dir
-    from medlora_lib.fl.inprocess_worker import WorkerCall, read_call
+    from medlora_lib.fl.inprocess_worker import WorkerCall, read_call, resolve
 
     if workers <= 1:
-        module, name = function.split(":")
-        fn = getattr(importlib.import_module(module), name)
+        fn = resolve(function)
         return [fn(*args) for args in args_list]
     default_cache_dir().mkdir(parents=True, exist_ok=True)
     outs = Path(tempfile.mkdtemp(prefix="medlora-calls-", dir=default_cache_dir()))

@@ -15,12 +15,22 @@ loopback deployment): comparable to well under a millisecond.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ENV", "trace_dir", "record", "read_trace", "breakdown", "per_round"]
+__all__ = [
+    "ENV",
+    "trace_dir",
+    "tracing",
+    "record",
+    "read_trace",
+    "breakdown",
+    "per_round",
+]
 
 #: the environment variable that turns tracing on (a folder)
 ENV = "MEDLORA_TRACE_DIR"
@@ -30,6 +40,22 @@ def trace_dir() -> Path | None:
     """The folder traces go to, or None (tracing off)."""
     d = os.environ.get(ENV, "").strip()
     return Path(d) if d else None
+
+
+@contextlib.contextmanager
+def tracing(folder: str | Path) -> Iterator[Path]:
+    """Trace every run started inside the block to ``folder`` (``$MEDLORA_TRACE_DIR``
+    set in this process, so that the Flower processes it starts inherit it; restored
+    on exit)."""
+    before = os.environ.get(ENV)
+    os.environ[ENV] = str(folder)
+    try:
+        yield Path(folder)
+    finally:
+        if before is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = before
 
 
 def record(kind: str, **fields: Any) -> None:
